@@ -1,0 +1,273 @@
+"""Training data: load data_prep's Arrow shards, split them across processes, and collate pairs into batches.
+
+Every layout produces the same `PreferenceBatch` contract, so log-prob code never needs to know the layout:
+`target_seq[r, t]` says which sequence the prediction at row r, position t scores (chosen of pair i is
+sequence i, rejected of pair i is sequence B + i; -1: not scored) and `target_ids[r, t]` is the token it must
+predict. Per-sequence log-probs are then a scatter-add over positions, whatever the packing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import torch
+
+REQUIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclass
+class PreferenceBatch:
+    """One micro-batch of B preference pairs in some layout of R rows of T tokens.
+
+    input_ids:      [R, T] long, pad positions hold the pad id
+    position_ids:   [R, T] long, restart at 0 for each packed sequence
+    attention_mask: [R, T] long (padded layout), or None (packed: the model builds a block-diagonal mask from
+                    position_ids), or [R, 1, T, T] float additive mask (prefix sharing)
+    target_ids:     [R, T] long, the token predicted at each position (0 where unscored)
+    target_seq:     [R, T] long, sequence index in [0, 2B) of each scored prediction, -1 elsewhere
+    pair_weight:    [B] float, 1 for real pairs, 0 for pairs that only pad the last eval batch
+    num_tokens:     tokens of prompt+chosen plus prompt+rejected over real pairs, whatever the layout
+                    (the "useful tokens" of tokens_per_second, so layouts compare fairly)
+    ref_chosen_logps / ref_rejected_logps: [B] float, precomputed reference log-probs when the data has them
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    target_ids: torch.Tensor
+    target_seq: torch.Tensor
+    pair_weight: torch.Tensor
+    num_pairs: int
+    num_tokens: int
+    ref_chosen_logps: torch.Tensor | None = None
+    ref_rejected_logps: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return PreferenceBatch(
+            input_ids=move(self.input_ids),
+            position_ids=move(self.position_ids),
+            attention_mask=move(self.attention_mask),
+            target_ids=move(self.target_ids),
+            target_seq=move(self.target_seq),
+            pair_weight=move(self.pair_weight),
+            num_pairs=self.num_pairs,
+            num_tokens=self.num_tokens,
+            ref_chosen_logps=move(self.ref_chosen_logps),
+            ref_rejected_logps=move(self.ref_rejected_logps),
+            extras=self.extras,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def read_prep_report(data_path: str | Path) -> dict[str, Any]:
+    path = Path(data_path) / "prep_report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {data_path} an output dir of `python -m data_prep`?")
+    return json.loads(path.read_text())
+
+
+def load_split(data_path: str | Path, split: str) -> datasets.Dataset | None:
+    """`data_path/split` as a Dataset, or None when the split does not exist."""
+    path = Path(data_path) / split
+    if not path.exists():
+        return None
+    dataset = datasets.load_from_disk(str(path))
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; expected {list(REQUIRED_COLUMNS)} (run data_prep)")
+    if len(dataset) == 0:
+        raise ValueError(f"{path}: holds no pairs")
+    return dataset
+
+
+def has_ref_columns(dataset: datasets.Dataset) -> bool:
+    return all(c in dataset.column_names for c in REF_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------- splitting the work
+
+
+def epoch_order(num_pairs: int, *, seed: int, epoch: int) -> list[int]:
+    """A seeded permutation of the pairs, different each epoch, identical on every process."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_pairs, generator=generator).tolist()
+
+
+def optimizer_steps_per_epoch(num_pairs: int, *, batch_size: int, num_processes: int, accumulation: int) -> int:
+    return num_pairs // (batch_size * num_processes * accumulation)
+
+
+def train_micro_batches(
+    num_pairs: int, *, batch_size: int, num_processes: int, process_index: int, accumulation: int, seed: int,
+    epoch: int,
+) -> list[list[int]]:
+    """This process's micro-batches of one epoch, as pair indices, covering whole optimizer steps only.
+
+    Each global micro-batch takes `batch_size * num_processes` consecutive pairs of the epoch's permutation and
+    process p gets the p-th slice, so one process with batch 4 sees exactly what two processes with batch 2 see
+    together. The tail that does not fill a whole optimizer step (fewer than batch_size * num_processes *
+    accumulation pairs) is left out of this epoch; the trainer logs how many. The next epoch's permutation differs.
+    """
+    order = epoch_order(num_pairs, seed=seed, epoch=epoch)
+    global_micro = batch_size * num_processes
+    steps = optimizer_steps_per_epoch(num_pairs, batch_size=batch_size, num_processes=num_processes,
+                                      accumulation=accumulation)
+    batches = []
+    for m in range(steps * accumulation):
+        start = m * global_micro + process_index * batch_size
+        batches.append(order[start:start + batch_size])
+    return batches
+
+
+def eval_micro_batches(
+    num_pairs: int, *, batch_size: int, num_processes: int, process_index: int
+) -> list[tuple[list[int], list[float]]]:
+    """Every pair exactly once across processes, in order, as (indices, weights).
+
+    All processes run the same number of batches of the same size (ZeRO-3 needs every rank in every forward), so
+    the last global batch is filled up by repeating pair 0 with weight 0: it is computed and ignored.
+    """
+    global_micro = batch_size * num_processes
+    num_batches = -(-num_pairs // global_micro)
+    out = []
+    for m in range(num_batches):
+        start = m * global_micro + process_index * batch_size
+        idx = [i for i in range(start, start + batch_size) if i < num_pairs]
+        weights = [1.0] * len(idx) + [0.0] * (batch_size - len(idx))
+        idx = idx + [0] * (batch_size - len(idx))
+        out.append((idx, weights))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ collate
+
+
+def _sequences(pairs: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]]:
+    """Chosen sequences first, then rejected: token lists and their prompt lengths."""
+    seqs, prompt_lens = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for pair in pairs:
+            seqs.append(list(pair["prompt_ids"]) + list(pair[key]))
+            prompt_lens.append(len(pair["prompt_ids"]))
+    return seqs, prompt_lens
+
+
+def _ref_logps(pairs: list[dict[str, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if all(c in pairs[0] for c in REF_COLUMNS):
+        return (torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32),
+                torch.tensor([p["ref_rejected_logps"] for p in pairs], dtype=torch.float32))
+    return None, None
+
+
+def _useful_tokens(pairs: list[dict[str, Any]], weights: list[float]) -> int:
+    return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+               for p, w in zip(pairs, weights) if w > 0)
+
+
+def collate_padded(pairs: list[dict[str, Any]], *, pad_token_id: int, weights: list[float] | None = None
+                   ) -> PreferenceBatch:
+    """[chosen; rejected] as 2B right-padded rows.
+
+    Example, one pair with prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad 0:
+
+        input_ids   = [[5, 6, 7, 2, 0], [5, 6, 8, 9, 2]]
+        target_ids  = [[6, 7, 2, 0, 0], [6, 8, 9, 2, 0]]
+        target_seq  = [[-1, 0, 0, -1, -1], [-1, 1, 1, 1, -1]]   # position 1 predicts the first answer token
+        attention_mask = [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    """
+    weights = weights if weights is not None else [1.0] * len(pairs)
+    seqs, prompt_lens = _sequences(pairs)
+    width = max(len(s) for s in seqs)
+    rows = len(seqs)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    target_ids = torch.zeros((rows, width), dtype=torch.long)
+    target_seq = torch.full((rows, width), -1, dtype=torch.long)
+    for r, (seq, plen) in enumerate(zip(seqs, prompt_lens)):
+        n = len(seq)
+        input_ids[r, :n] = torch.tensor(seq)
+        attention_mask[r, :n] = 1
+        target_ids[r, : n - 1] = input_ids[r, 1:n]
+        target_seq[r, plen - 1: n - 1] = r  # predictions of the answer tokens seq[plen:]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    ref_chosen, ref_rejected = _ref_logps(pairs)
+    return PreferenceBatch(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, target_ids=target_ids,
+        target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=len(pairs),
+        num_tokens=_useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+    )
+
+
+def collate_packed(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens_per_row: int,
+                   weights: list[float] | None = None) -> PreferenceBatch:
+    """The 2B sequences packed first-fit into rows of at most `max_tokens_per_row` tokens, no attention mask.
+
+    Position ids restart at 0 for each sequence, which is how transformers recognises packed sequences and builds
+    a block-diagonal causal mask (only when no 2D mask and no KV cache are given: always pass use_cache=False).
+    A sequence longer than the bound gets a row of its own. Rows are right-padded to the longest row; padding
+    continues the last sequence's positions, so it is attended only by itself and never scored.
+    """
+    weights = weights if weights is not None else [1.0] * len(pairs)
+    seqs, prompt_lens = _sequences(pairs)
+    rows: list[list[int]] = []  # sequence indices per row
+    row_len: list[int] = []
+    for s in sorted(range(len(seqs)), key=lambda k: -len(seqs[k])):  # first-fit decreasing
+        for r in range(len(rows)):
+            if row_len[r] + len(seqs[s]) <= max_tokens_per_row:
+                rows[r].append(s)
+                row_len[r] += len(seqs[s])
+                break
+        else:
+            rows.append([s])
+            row_len.append(len(seqs[s]))
+    width = max(row_len)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    target_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    target_seq = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        offset = 0
+        for s in sorted(members):
+            seq, n, plen = seqs[s], len(seqs[s]), prompt_lens[s]
+            input_ids[r, offset:offset + n] = torch.tensor(seq)
+            position_ids[r, offset:offset + n] = torch.arange(n)
+            target_ids[r, offset:offset + n - 1] = input_ids[r, offset + 1:offset + n]
+            target_seq[r, offset + plen - 1:offset + n - 1] = s
+            offset += n
+        if offset < width:  # padding continues the positions of the last sequence
+            last = int(position_ids[r, offset - 1])
+            position_ids[r, offset:] = torch.arange(last + 1, last + 1 + width - offset)
+    ref_chosen, ref_rejected = _ref_logps(pairs)
+    return PreferenceBatch(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=None, target_ids=target_ids,
+        target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=len(pairs),
+        num_tokens=_useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+    )
+
+
+def make_collate(layout: str, *, pad_token_id: int, max_tokens_per_row: int, prefix_sharing: bool = False
+                 ) -> Callable[[list[dict[str, Any]], list[float] | None], PreferenceBatch]:
+    """The collate function of a layout, as `collate(pairs, weights)`."""
+    if prefix_sharing:
+        from dpo.prefix_sharing import collate_prefix_shared
+
+        return lambda pairs, weights=None: collate_prefix_shared(
+            pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, weights=weights,
+            packed=(layout == "packed"))
+    if layout == "padded":
+        return lambda pairs, weights=None: collate_padded(pairs, pad_token_id=pad_token_id, weights=weights)
+    if layout == "packed":
+        return lambda pairs, weights=None: collate_packed(
+            pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, weights=weights)
+    raise ValueError(f"layout: unknown {layout!r}; expected padded or packed")

@@ -1,0 +1,80 @@
+"""The Accelerator and the one place DeepSpeed is imported.
+
+Distribution lives in `accelerate_configs/*.yaml` (and the `ds_configs/*.json` they point at); this module only
+adds what Accelerate does not do by itself: the gloo backend when CUDA is absent (DeepSpeed's CPU accelerator
+needs it, and without it each process believes it is alone), and an inference-only DeepSpeed engine for a frozen
+reference model, sharded like the policy under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+
+def build_accelerator(*, mixed_precision: str, gradient_accumulation_steps: int, max_grad_norm: float
+                      ) -> Accelerator:
+    launched = "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    # Only a launched (multi-process or DeepSpeed) run has a process group; a plain single process has none.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        kwargs_handlers=handlers,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        # The recipe's max_grad_norm is the one clipping knob: DeepSpeed clips inside its step.
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = max_grad_norm
+    return accelerator
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _resolve_auto(ds_config: dict[str, Any], model: torch.nn.Module, accelerator: Accelerator) -> dict[str, Any]:
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    zero = ds_config.setdefault("zero_optimization", {})
+    fills = {
+        "reduce_bucket_size": (hidden or 1024) ** 2,
+        "stage3_prefetch_bucket_size": int(0.9 * (hidden or 1024) ** 2),
+        "stage3_param_persistence_threshold": 10 * (hidden or 1024),
+    }
+    for key, value in fills.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
+        if ds_config.get(key) == "auto":
+            ds_config.pop(key)
+    if ds_config.get("gradient_clipping") == "auto":
+        ds_config.pop("gradient_clipping")
+    ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
+    return ds_config
+
+
+def deepspeed_inference_engine(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """A frozen model as a DeepSpeed engine without optimizer: under ZeRO-3 its parameters are partitioned across
+    processes exactly like the policy's and gathered layer by layer during the forward; under ZeRO-1/2 (which
+    only shard optimizer state and gradients) a plain replicated copy is what each process needs."""
+    import deepspeed
+
+    ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage != 3:
+        return model.to(accelerator.device)
+    ds_config.pop("optimizer", None)
+    ds_config.pop("scheduler", None)
+    ds_config["zero_optimization"].pop("offload_optimizer", None)
+    ds_config = _resolve_auto(ds_config, model, accelerator)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine

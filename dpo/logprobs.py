@@ -1,0 +1,82 @@
+"""Per-sequence log-probs of the answers: one forward over the whole batch (chosen and rejected together).
+
+The LM head runs only on scored positions (transformers' boolean `logits_to_keep`), and the log-prob of each label
+is `logit[label] - logsumexp(logits)` taken in chunks of positions, so no full-vocabulary log_softmax tensor is
+ever materialised for the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpo.data import PreferenceBatch
+
+
+@dataclass
+class SequenceLogps:
+    """Summed log-probs of each answer's tokens and the answers' token counts, all [B].
+
+    `chosen_logps`/`rejected_logps` are sums, or per-token means when the forward was asked for averages.
+    `chosen_nll` is the mean negative log-likelihood per chosen token (for the RPO term), always a mean.
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    chosen_nll: torch.Tensor
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(logits)[label] for each row of `logits` [N, V], computed in chunks of rows, in fp32."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_size):
+        chunk = logits[start:start + chunk_size].float()
+        picked = chunk.gather(-1, labels[start:start + chunk_size, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    if not out:
+        return logits.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(out)
+
+
+def scatter_sequence_logps(
+    token_logps: torch.Tensor, token_seq: torch.Tensor, num_pairs: int, *, average: bool
+) -> SequenceLogps:
+    """Sum token log-probs into their 2B sequences (chosen 0..B-1, rejected B..2B-1)."""
+    sums = token_logps.new_zeros(2 * num_pairs).index_add(0, token_seq, token_logps)
+    counts = torch.zeros(2 * num_pairs, dtype=token_logps.dtype, device=token_logps.device)
+    counts = counts.index_add(0, token_seq, torch.ones_like(token_logps))
+    means = sums / counts.clamp(min=1)
+    values = means if average else sums
+    return SequenceLogps(
+        chosen_logps=values[:num_pairs],
+        rejected_logps=values[num_pairs:],
+        chosen_lengths=counts[:num_pairs],
+        rejected_lengths=counts[num_pairs:],
+        chosen_nll=-means[:num_pairs],
+    )
+
+
+def sequence_logps(
+    model: torch.nn.Module, batch: PreferenceBatch, *, average: bool = False, chunk_size: int = 1024
+) -> SequenceLogps:
+    """One forward of `model` on the batch; log-probs of the answer tokens per sequence.
+
+    `use_cache=False` matters beyond memory: with a KV cache present transformers ignores the packed position ids
+    and a packed forward would attend across sequences.
+    """
+    keep = batch.target_seq >= 0
+    outputs = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = outputs.logits  # [N, V], the scored positions in row-major order
+    if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
+        logits = logits[keep]
+    token_logps = label_logps(logits, batch.target_ids[keep], chunk_size=chunk_size)
+    return scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)

@@ -1,0 +1,133 @@
+"""Step metrics under fixed names (as TRL names them), kept on the device and reduced once per optimizer step, and
+the writers: metrics.jsonl, TensorBoard, optional wandb. Only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Per-pair quantities summed (weighted) over the pairs of a step; their means are logged under these names.
+PAIR_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "kl",
+)
+
+
+class MetricAccumulator:
+    """Weighted sums of PAIR_METRICS over micro-batches, plus pair and token counts, as one device tensor."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=self.device)
+
+    def add(self, values: dict[str, torch.Tensor | None], weight: torch.Tensor, num_tokens: int) -> None:
+        """`values[name]` is a [B] tensor of per-pair values (None for kl without a reference)."""
+        weight = weight.detach().to(self.sums.device, torch.float64)
+        parts = []
+        for name in PAIR_METRICS:
+            v = values.get(name)
+            parts.append(torch.zeros((), dtype=torch.float64, device=self.sums.device) if v is None
+                         else (v.detach().to(torch.float64) * weight).sum())
+        parts.append(weight.sum())
+        parts.append(torch.tensor(float(num_tokens), dtype=torch.float64, device=self.sums.device))
+        self.sums += torch.stack(parts)
+
+    def reduce(self, accelerator: Any) -> dict[str, float]:
+        """Sum over processes (one collective), then one transfer to the host; means per pair."""
+        totals = accelerator.reduce(self.sums.clone(), reduction="sum") if accelerator.num_processes > 1 \
+            else self.sums
+        values = totals.tolist()
+        pairs, tokens = values[-2], values[-1]
+        out = {name: (values[i] / pairs if pairs else math.nan) for i, name in enumerate(PAIR_METRICS)}
+        out["num_pairs"] = pairs
+        out["num_tokens"] = tokens
+        self.reset()
+        return out
+
+
+def pair_values(
+    *, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+    policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None,
+) -> dict[str, torch.Tensor | None]:
+    """Per-pair values of PAIR_METRICS. kl is the tutorial's monitor: policy minus reference log-prob of the chosen
+    answer (None when the loss has no reference)."""
+    return {
+        "loss": losses,
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "logps/chosen": policy_chosen_logps,
+        "logps/rejected": policy_rejected_logps,
+        "kl": None if ref_chosen_logps is None else policy_chosen_logps - ref_chosen_logps,
+    }
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step or evaluation), TensorBoard under tensorboard/, and wandb."""
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool, use_wandb: bool = False,
+                 run_name: str | None = None, wandb_project: str = "dpo-pipeline",
+                 config: dict[str, Any] | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError("use_wandb: the wandb package is not installed; "
+                                   "pip install 'dpo-pipeline[wandb]' or drop --use_wandb") from exc
+            self.wandb = wandb
+            wandb.init(project=wandb_project, name=run_name, config=config or {})
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records written after the checkpoint's step, so the file reads like one clean run."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"{split}/{name}", value, step)
+        self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,316 @@
+"""DPO training: config -> accelerator -> data -> models -> optimizer -> prepare -> loop -> final model.
+
+    python -m dpo.train --config recipes/tiny_full.yaml --model_path M --data_path D --output_dir OUT
+    accelerate launch --config_file accelerate_configs/zero3.yaml -m dpo.train --config recipe.yaml
+
+The loss is Eq. 7 of Rafailov et al. (2023) by default, -log σ(β[(log πθ(yw|x) − log πref(yw|x)) −
+(log πθ(yl|x) − log πref(yl|x))]); other members of the family are in dpo/losses.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from dpo import checkpoint as ckpt
+from dpo.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from dpo.data import (
+    PreferenceBatch,
+    eval_micro_batches,
+    has_ref_columns,
+    load_split,
+    make_collate,
+    optimizer_steps_per_epoch,
+    train_micro_batches,
+)
+from dpo.distributed import build_accelerator
+from dpo.logprobs import sequence_logps
+from dpo.losses import preference_loss
+from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
+from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
+from dpo.reference import Reference, build_reference, resolve_reference_kind
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN or infinite loss or gradient norm: the run stops before the optimizer step."""
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, weighted mean over the micro-batch's pairs, for backward
+    values: dict[str, torch.Tensor | None]  # per-pair metric values
+
+
+def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: PreferenceBatch, cfg: TrainConfig,
+                     *, unwrapped_policy: Any) -> StepOutput:
+    """Reference log-probs (no grad), one policy forward over chosen and rejected together, then the loss."""
+    ref_chosen, ref_rejected = reference.logps(policy, batch, unwrapped_policy=unwrapped_policy)
+    # SimPO's reward is length-normalised by definition (Meng et al. 2024, Eq. 4).
+    average = cfg.average_log_prob or cfg.loss_type == "simpo"
+    policy_out = sequence_logps(policy, batch, average=average, chunk_size=cfg.logits_chunk_size)
+    out = preference_loss(
+        cfg.loss_type, policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
+        beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
+        chosen_nll=policy_out.chosen_nll,
+    )
+    weight = batch.pair_weight
+    # A weighted mean over the real pairs: every pair counts once, so micro-batch x accumulation is invariant.
+    loss = (out.losses * weight).sum() / weight.sum().clamp(min=1.0)
+    values = pair_values(
+        losses=out.losses, chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
+        policy_chosen_logps=policy_out.chosen_logps, policy_rejected_logps=policy_out.rejected_logps,
+        ref_chosen_logps=ref_chosen,
+    )
+    return StepOutput(loss=loss, values=values)
+
+
+@torch.no_grad()
+def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collate: Any, cfg: TrainConfig,
+             accelerator: Any, *, unwrapped_policy: Any) -> dict[str, float]:
+    """Loss, rewards, preference accuracy and kl over every eval pair exactly once (all processes)."""
+    policy.eval()
+    acc = MetricAccumulator(accelerator.device)
+    batches = eval_micro_batches(len(dataset), batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+    for indices, weights in batches:
+        batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
+        out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped_policy)
+        acc.add(out.values, batch.pair_weight, batch.num_tokens)
+    policy.train()
+    metrics = acc.reduce(accelerator)
+    metrics.pop("num_tokens")
+    return metrics
+
+
+def build_optimizer(policy: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in policy.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def total_optimizer_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+
+
+def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: TrainConfig) -> None:
+    """final/: the full model (safetensors) or, with LoRA, the adapter; final_merged/ with --merge_lora."""
+    unwrapped = accelerator.unwrap_model(policy)
+    state_dict = accelerator.get_state_dict(policy)  # gathers ZeRO-3 shards into 16-bit weights on the main process
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        tmp = out / ".tmp-final"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_replace_dir(tmp, out / "final")
+        if cfg.lora and cfg.merge_lora:
+            from dpo.lora import merge_adapter_into_base
+
+            merge_adapter_into_base(cfg, out / "final", out / "final_merged", tokenizer)
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(argv)
+    except ConfigError as exc:
+        print(f"dpo.train: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except TrainingDiverged as exc:
+        print(f"dpo.train: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow, read top to bottom
+    # ---- accelerator, seed, output dir
+    accelerator = build_accelerator(mixed_precision=cfg.mixed_precision,
+                                    gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                    max_grad_norm=cfg.max_grad_norm)
+    set_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+
+    # ---- data
+    if not cfg.model_path or not cfg.data_path:
+        raise ConfigError("model_path and data_path are required")
+    train_ds = load_split(cfg.data_path, "train")
+    if train_ds is None:
+        raise FileNotFoundError(f"{cfg.data_path}/train: missing; run data_prep first")
+    eval_ds = load_split(cfg.data_path, "eval")
+    tokenizer = load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = make_collate(cfg.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
+                           prefix_sharing=cfg.prefix_sharing)
+    world = accelerator.num_processes
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=cfg.batch_size, num_processes=world,
+                                                accumulation=cfg.gradient_accumulation_steps)
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} training pairs cannot fill one global batch of {global_batch} "
+                         f"(batch_size {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+                         f"{world} processes)")
+    total_steps = total_optimizer_steps(cfg, steps_per_epoch)
+    left_out = len(train_ds) - steps_per_epoch * global_batch
+    log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "
+        f"{global_batch} = {cfg.batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {world} "
+        f"processes; {steps_per_epoch} steps per epoch, {total_steps} steps")
+    if left_out:
+        log(f"[dpo] each epoch leaves out {left_out} pairs that do not fill a whole global batch "
+            f"(a different {left_out} each epoch: the order is reshuffled)")
+
+    # ---- models: the policy, then the reference (one decision, in dpo/reference.py)
+    ref_kind = resolve_reference_kind(cfg, train_has_precomputed=has_ref_columns(train_ds))
+    if ref_kind == "precomputed":
+        from dpo.precompute_ref import check_precomputed
+
+        check_precomputed(cfg, "train")
+        if eval_ds is not None:
+            check_precomputed(cfg, "eval")
+    log(f"[dpo] reference: {ref_kind}")
+    policy = load_policy(cfg)
+    policy.train()
+    optimizer = build_optimizer(policy, cfg)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
+                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # The scheduler is stepped once per optimizer step by this loop (Accelerate's wrapper would step it once per
+    # process); it is registered so that save_state/load_state carry it.
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped_policy = accelerator.unwrap_model(policy)
+    reference = build_reference(ref_kind, cfg, accelerator)
+    if accelerator.is_main_process:
+        n_train = sum(p.numel() for p in unwrapped_policy.parameters() if p.requires_grad)
+        log(f"[dpo] trainable parameters: {n_train:,}" + (" (LoRA)" if is_peft_model(unwrapped_policy) else ""))
+
+    # ---- resume
+    state = ckpt.TrainerState()
+    writer = MetricsWriter(out_dir, enabled=accelerator.is_main_process, use_wandb=cfg.use_wandb,
+                           run_name=cfg.run_name, wandb_project=cfg.wandb_project, config=config_to_dict(cfg))
+    if cfg.resume_from_checkpoint:
+        path = ckpt.resolve_resume_path(out_dir, cfg.resume_from_checkpoint)
+        state = ckpt.load_checkpoint(accelerator, path)
+        writer.truncate_after(state.step)
+        log(f"[dpo] resumed from {path} at step {state.step}")
+    elif accelerator.is_main_process and (out_dir / "metrics.jsonl").exists():
+        (out_dir / "metrics.jsonl").unlink()  # a fresh run in an old dir starts a fresh log
+
+    # ---- the loop
+    accumulator = MetricAccumulator(accelerator.device)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
+                    desc="dpo", dynamic_ncols=True)
+    step_start = time.perf_counter()
+    last_eval: dict[str, float] = {}
+    while state.step < total_steps and not state.stopped_early:
+        epoch = state.step // steps_per_epoch
+        micro_batches = train_micro_batches(
+            len(train_ds), batch_size=cfg.batch_size, num_processes=world, process_index=accelerator.process_index,
+            accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, epoch=epoch)
+        first = (state.step % steps_per_epoch) * cfg.gradient_accumulation_steps
+        for indices in micro_batches[first:]:
+            batch = collate([train_ds[i] for i in indices], None).to(accelerator.device)
+            with accelerator.accumulate(policy):
+                out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped_policy)
+                accelerator.backward(out.loss)
+                accumulator.add(out.values, batch.pair_weight, batch.num_tokens)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+                    lr = scheduler.get_last_lr()[0]
+                    step_metrics = accumulator.reduce(accelerator)
+                    grad_norm = float(grad_norm) if grad_norm is not None else math.nan  # DeepSpeed: after step
+                    if not math.isfinite(step_metrics["loss"]) or math.isinf(grad_norm) or (
+                            math.isnan(grad_norm) and grad_norm_known(accelerator)):
+                        raise TrainingDiverged(
+                            f"non-finite loss ({step_metrics['loss']}) or gradient norm ({grad_norm}) at step "
+                            f"{state.step + 1}; the optimizer step was not taken. Lower the learning rate or beta, "
+                            f"check the data, and resume from the last checkpoint in {out_dir}.")
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            elapsed = time.perf_counter() - step_start
+            step_start = time.perf_counter()
+            step_metrics["learning_rate"] = lr
+            step_metrics["grad_norm"] = grad_norm
+            step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
+            step_metrics["epoch"] = state.step / steps_per_epoch
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}")
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                writer.write(state.step, "train", step_metrics)
+            if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
+                                        or state.step == total_steps):
+                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator,
+                                     unwrapped_policy=unwrapped_policy)
+                writer.write(state.step, "eval", last_eval)
+                update_early_stopping(state, last_eval, cfg, log)
+            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
+                ckpt.save_checkpoint(accelerator, out_dir, state, save_total_limit=cfg.save_total_limit)
+            if state.step >= total_steps or state.stopped_early:
+                break
+    progress.close()
+
+    # ---- final model
+    save_final(accelerator, policy, tokenizer, cfg)
+    writer.close()
+    log(f"[dpo] done at step {state.step}; final model in {out_dir / 'final'}")
+    return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
+
+
+def grad_norm_known(accelerator: Any) -> bool:
+    """DeepSpeed computes the gradient norm inside its step, so before the step it is unknown (NaN)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type != DistributedType.DEEPSPEED
+
+
+def update_early_stopping(state: ckpt.TrainerState, metrics: dict[str, float], cfg: TrainConfig, log: Any) -> None:
+    """Track the best eval loss; stop after `early_stopping_patience` evaluations without an improvement of more
+    than `early_stopping_min_delta`. Also warns when kl exceeds `max_kl`."""
+    kl = metrics.get("kl", math.nan)
+    if cfg.max_kl is not None and math.isfinite(kl) and kl > cfg.max_kl:
+        log(f"[dpo] warning: eval kl {kl:.4f} exceeds max_kl {cfg.max_kl} at step {state.step}: the policy is "
+            f"drifting from the reference (lower the learning rate or raise beta)")
+    loss = metrics["loss"]
+    if state.best_eval_loss is None or loss < state.best_eval_loss - cfg.early_stopping_min_delta:
+        state.best_eval_loss = loss
+        state.evals_without_improvement = 0
+    else:
+        state.evals_without_improvement += 1
+    if cfg.early_stopping_patience is not None and state.evals_without_improvement >= cfg.early_stopping_patience:
+        state.stopped_early = True
+        log(f"[dpo] early stopping at step {state.step}: eval loss has not improved by more than "
+            f"{cfg.early_stopping_min_delta} for {state.evals_without_improvement} evaluations "
+            f"(best {state.best_eval_loss:.4f})")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
