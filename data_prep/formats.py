@@ -1,0 +1,415 @@
+"""Read raw preference files and normalise every record to one `PreferencePair`, or say exactly why not.
+
+Inputs are `.json` (an array of records), `.jsonl` (one record per line), either optionally gzipped
+(`.gz`), or a directory searched recursively for such files. A `.json` file whose first non-blank character
+is `{` is read as JSON Lines. Blank lines in JSON Lines are not records.
+
+Three record shapes, detected per file (the first record with a recognisable shape decides; later records of
+another shape are `mixed_shapes`), or forced with `shape=`:
+
+- explicit:       {"prompt": str, "chosen": str, "rejected": str}
+- implicit:       {"chosen": str, "rejected": str}, one conversation up to the answer (see `split_implicit`)
+- conversational: {"chosen": [msg, ...], "rejected": [msg, ...], "prompt"?: [msg, ...] | str},
+                  msg = {"role": str, "content": str}
+
+Extra fields are ignored. A record that cannot be used becomes a `BadRecord(location, reason, detail)` whose
+location is "file:line" (the line where the record starts) and whose reason is one of `Reason`.
+
+A `.json` array whose text stops parsing part-way (a missing comma, a truncated file) yields one
+`invalid_json` record at the line of the error, and nothing after it can be read: the records before it are
+kept.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+Shape = Literal["explicit", "implicit", "conversational"]
+SHAPES: tuple[Shape, ...] = ("explicit", "implicit", "conversational")
+Message = dict[str, str]
+INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+# The Anthropic HH assistant marker. The implicit prompt ends right after its colon (see `split_implicit`).
+ASSISTANT_MARKER = "\n\nAssistant:"
+MAX_EXAMPLES = 5
+
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
+_WHITESPACE = re.compile(r"\s+")
+
+
+class Reason(StrEnum):
+    """Why a record was skipped. Every skipped record is counted under exactly one reason."""
+
+    INVALID_JSON = "invalid_json"
+    NOT_A_JSON_ARRAY = "not_a_json_array"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    EMPTY_PROMPT = "empty_prompt"
+    EMPTY_RESPONSE = "empty_response"
+    CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"
+    NO_SHARED_PROMPT = "no_shared_prompt"
+    MIXED_SHAPES = "mixed_shapes"
+    UNDECODABLE_BYTES = "undecodable_bytes"
+    IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+
+
+class InputError(Exception):
+    """A problem with the inputs as a whole (unreadable file, no input file, nothing usable): stop."""
+
+
+class BadRecordError(Exception):
+    """Raised under `--on_bad_record error` at the first record that would be skipped."""
+
+    def __init__(self, bad: BadRecord) -> None:
+        super().__init__(f"{bad.location}: {bad.reason}: {bad.detail}")
+        self.bad = bad
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    location: str
+    reason: Reason
+    detail: str
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One usable record. Text shapes hold strings; conversational holds message lists.
+
+    `chosen`/`rejected` are the responses only (without the prompt); `index` numbers the records read, in
+    input order, across all files of a split.
+    """
+
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+    shape: Shape
+    location: str
+    index: int
+
+
+@dataclass
+class SkipLog:
+    """Counts skipped records by reason, keeps up to `MAX_EXAMPLES` locations each; raises in strict mode."""
+
+    strict: bool = False
+    counts: dict[str, int] = field(default_factory=lambda: {reason.value: 0 for reason in Reason})
+    examples: dict[str, list[str]] = field(default_factory=lambda: {reason.value: [] for reason in Reason})
+
+    def add(self, bad: BadRecord) -> None:
+        if self.strict:
+            raise BadRecordError(bad)
+        self.counts[bad.reason.value] += 1
+        if len(self.examples[bad.reason.value]) < MAX_EXAMPLES:
+            self.examples[bad.reason.value].append(bad.location)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class ReadResult:
+    pairs: list[PreferencePair]
+    records_read: int
+    formats: dict[str, str]  # file -> detected (or forced) shape, "unknown" when no record had a usable shape
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Files named directly, plus the supported files under each named directory (recursively, sorted)."""
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES))
+            if not found:
+                raise InputError(f"{path}: directory holds no {', '.join(INPUT_SUFFIXES)} files")
+            files.extend(found)
+        elif not path.exists():
+            raise InputError(f"{path}: no such file or directory")
+        elif not path.name.endswith(INPUT_SUFFIXES):
+            raise InputError(f"{path}: unsupported file type (expected one of {', '.join(INPUT_SUFFIXES)})")
+        else:
+            files.append(path)
+    return files
+
+
+def read_inputs(paths: list[str], *, shape: Shape | None, skips: SkipLog) -> ReadResult:
+    """Read every record of every input, in order; bad records go to `skips`."""
+    result = ReadResult(pairs=[], records_read=0, formats={})
+    for path in expand_inputs(paths):
+        file_shape = shape
+        for location, value in iter_records(path):
+            index = result.records_read
+            result.records_read += 1
+            if isinstance(value, BadRecord):
+                skips.add(value)
+                continue
+            if file_shape is None:
+                detected = detect_shape(value, location)
+                if isinstance(detected, str):
+                    file_shape = detected
+            pair = normalise(value, location, shape=file_shape, index=index, forced=shape is not None)
+            if isinstance(pair, BadRecord):
+                skips.add(pair)
+            else:
+                result.pairs.append(pair)
+        result.formats[str(path)] = file_shape or "unknown"
+    return result
+
+
+def _read_text(path: Path) -> tuple[str, bool]:
+    """The file's text and whether it held undecodable bytes (kept as lone surrogates, found per record)."""
+    try:
+        data = path.read_bytes()
+        if path.name.endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path}: cannot read: {error}") from error
+    try:
+        return data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8-sig", errors="surrogateescape"), True
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, object]]:
+    """Yield ("file:line", parsed JSON value) per record, or ("file:line", BadRecord) if unparsable."""
+    text, has_bad_bytes = _read_text(path)
+    stripped = text.lstrip()
+    is_array = path.name.endswith((".json", ".json.gz")) and stripped.startswith("[")
+    if (
+        path.name.endswith((".json", ".json.gz"))
+        and stripped
+        and not is_array
+        and not stripped.startswith("{")
+    ):
+        line = text.count("\n", 0, len(text) - len(stripped)) + 1
+        yield f"{path}:{line}", BadRecord(
+            f"{path}:{line}", Reason.NOT_A_JSON_ARRAY, "expected '[' or JSON Lines"
+        )
+        return
+    chunks = _array_elements(text, path) if is_array else _lines(text)
+    for line, raw in chunks:
+        location = f"{path}:{line}"
+        if isinstance(raw, BadRecord):
+            yield location, raw
+        elif has_bad_bytes and _LONE_SURROGATE.search(raw):
+            yield location, BadRecord(location, Reason.UNDECODABLE_BYTES, "bytes that are not valid UTF-8")
+        else:
+            try:
+                yield location, json.loads(raw)
+            except json.JSONDecodeError as error:
+                yield location, BadRecord(location, Reason.INVALID_JSON, str(error))
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    # Split on "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield number, line
+
+
+def _array_elements(text: str, path: Path) -> Iterator[tuple[int, str | BadRecord]]:
+    """The raw text of each element of a top-level JSON array, with the line where it starts."""
+    decoder = json.JSONDecoder()
+    line_of = _LineCounter(text)
+    position = _skip_space(text, text.index("[") + 1)
+    if position < len(text) and text[position] == "]":
+        return
+    while True:
+        try:
+            _, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            line = line_of(error.pos)
+            yield line, BadRecord(f"{path}:{line}", Reason.INVALID_JSON, str(error))
+            return
+        yield line_of(position), text[position:end]
+        position = _skip_space(text, end)
+        separator = text[position : position + 1]
+        if separator == ",":
+            position = _skip_space(text, position + 1)
+        elif separator == "]":
+            rest = _skip_space(text, position + 1)
+            if rest < len(text):
+                line = line_of(rest)
+                yield line, BadRecord(f"{path}:{line}", Reason.INVALID_JSON, "extra data after the array")
+            return
+        else:
+            line = line_of(position)
+            yield line, BadRecord(
+                f"{path}:{line}", Reason.INVALID_JSON, "expected ',' or ']' between records"
+            )
+            return
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+class _LineCounter:
+    """1-based line number of a character offset, for offsets that only grow (counts newlines as it goes)."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.offset, self.line = text, 0, 1
+
+    def __call__(self, offset: int) -> int:
+        self.line += self.text.count("\n", self.offset, offset)
+        self.offset = offset
+        return self.line
+
+
+def detect_shape(value: object, location: str) -> Shape | BadRecord:
+    """The shape a record has, from the types of `chosen`/`rejected` and the presence of `prompt`."""
+    if not isinstance(value, dict):
+        return BadRecord(location, Reason.NOT_AN_OBJECT, f"a JSON {type(value).__name__}, not an object")
+    missing = [key for key in ("chosen", "rejected") if key not in value]
+    if missing:
+        return BadRecord(location, Reason.MISSING_FIELD, f"no {missing[0]!r}")
+    chosen, rejected = value["chosen"], value["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return "explicit" if value.get("prompt") is not None else "implicit"
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        return "conversational"
+    return BadRecord(
+        location, Reason.WRONG_TYPE, "'chosen' and 'rejected' must both be strings or both lists"
+    )
+
+
+def normalise(
+    value: object, location: str, *, shape: Shape | None, index: int, forced: bool = False
+) -> PreferencePair | BadRecord:
+    """Validate one parsed record against `shape` (None: its own shape) and split off its prompt."""
+    detected = detect_shape(value, location)
+    if isinstance(detected, BadRecord):
+        if not forced or detected.reason in (Reason.NOT_AN_OBJECT, Reason.MISSING_FIELD):
+            return detected
+    assert isinstance(value, dict)
+    if not forced and shape is not None and detected != shape:
+        return BadRecord(location, Reason.MIXED_SHAPES, f"a {detected} record in a {shape} file")
+    target: Shape = shape if shape is not None else detected  # type: ignore[assignment]
+    if target == "conversational":
+        return _conversational(value, location, index)
+    for key in ("prompt", "chosen", "rejected") if target == "explicit" else ("chosen", "rejected"):
+        if key not in value or value[key] is None:
+            return BadRecord(location, Reason.MISSING_FIELD, f"no {key!r}")
+        if not isinstance(value[key], str):
+            return BadRecord(
+                location, Reason.WRONG_TYPE, f"{key!r} is a {type(value[key]).__name__}, not a string"
+            )
+    chosen, rejected = value["chosen"], value["rejected"]
+    if not chosen.strip() or not rejected.strip():
+        return BadRecord(location, Reason.EMPTY_RESPONSE, "'chosen' or 'rejected' is empty")
+    if chosen == rejected:
+        return BadRecord(location, Reason.CHOSEN_EQUALS_REJECTED, "identical responses")
+    if target == "explicit":
+        prompt = value["prompt"]
+    else:
+        split = split_implicit(chosen, rejected)
+        if split is None:
+            return BadRecord(location, Reason.NO_SHARED_PROMPT, "'chosen' and 'rejected' share no beginning")
+        prompt, chosen, rejected = split
+        if not chosen.strip() or not rejected.strip():
+            return BadRecord(location, Reason.EMPTY_RESPONSE, "nothing follows the shared prompt")
+    if not prompt.strip():
+        return BadRecord(location, Reason.EMPTY_PROMPT, "the prompt is empty")
+    return PreferencePair(prompt, chosen, rejected, target, location, index)
+
+
+def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Split two texts holding the same conversation into (prompt, chosen response, rejected response).
+
+    Rule 1 (Anthropic HH): the prompt ends right after the colon of the last "\\n\\nAssistant:" marker that
+    lies wholly inside the longest common prefix; each response keeps what follows, normally a leading space:
+        "\\n\\nHuman: Hi\\n\\nAssistant: Hello" / "\\n\\nHuman: Hi\\n\\nAssistant: Go away"
+        -> ("\\n\\nHuman: Hi\\n\\nAssistant:", " Hello", " Go away")
+    Rule 2 (no shared marker): the longest common prefix, cut back to the start of the whitespace before its
+    last (possibly partial) word, so that each response starts at a word boundary with its leading space:
+        "The answer is yes" / "The answer is no" -> ("The answer is", " yes", " no")
+    If that cut leaves nothing, the whole common prefix is the prompt. No common prefix at all: None.
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    if shared == 0:
+        return None
+    marker = chosen.rfind(ASSISTANT_MARKER, 0, shared)  # the whole marker lies inside the common prefix
+    if marker >= 0:
+        cut = marker + len(ASSISTANT_MARKER)
+    else:
+        spaces = list(_WHITESPACE.finditer(chosen, 0, shared))
+        cut = spaces[-1].start() if spaces and spaces[-1].start() > 0 else shared
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _messages(value: object, key: str, location: str) -> list[Message] | BadRecord:
+    if not isinstance(value, list):
+        return BadRecord(
+            location, Reason.WRONG_TYPE, f"{key!r} is a {type(value).__name__}, not a message list"
+        )
+    messages: list[Message] = []
+    for number, message in enumerate(value):
+        if not isinstance(message, dict):
+            return BadRecord(location, Reason.WRONG_TYPE, f"{key}[{number}] is not an object")
+        for part in ("role", "content"):
+            if part not in message:
+                return BadRecord(location, Reason.MISSING_FIELD, f"{key}[{number}] has no {part!r}")
+            if not isinstance(message[part], str):
+                return BadRecord(location, Reason.WRONG_TYPE, f"{key}[{number}].{part} is not a string")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _conversational(value: dict, location: str, index: int) -> PreferencePair | BadRecord:
+    """Messages after the prompt are the responses.
+
+    With a `prompt` (a message list, or a string meaning one user message), `chosen`/`rejected` are the
+    responses, or whole conversations that start with the prompt messages (UltraFeedback-binarized), which are
+    then removed. Without one, the leading messages that `chosen` and `rejected` share are the prompt
+    (MiniMind's dpo.jsonl).
+    """
+    chosen, rejected = _messages(value["chosen"], "chosen", location), _messages(
+        value["rejected"], "rejected", location
+    )
+    if isinstance(chosen, BadRecord):
+        return chosen
+    if isinstance(rejected, BadRecord):
+        return rejected
+    if chosen == rejected:
+        return BadRecord(location, Reason.CHOSEN_EQUALS_REJECTED, "identical conversations")
+    raw_prompt = value.get("prompt")
+    if raw_prompt is None:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            return BadRecord(location, Reason.NO_SHARED_PROMPT, "no shared leading messages and no 'prompt'")
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        if isinstance(raw_prompt, str):
+            raw_prompt = [{"role": "user", "content": raw_prompt}]
+        prompt = _messages(raw_prompt, "prompt", location)
+        if isinstance(prompt, BadRecord):
+            return prompt
+        if not prompt or not any(message["content"].strip() for message in prompt):
+            return BadRecord(location, Reason.EMPTY_PROMPT, "the prompt is empty")
+        chosen = chosen[len(prompt) :] if chosen[: len(prompt)] == prompt else chosen
+        rejected = rejected[len(prompt) :] if rejected[: len(prompt)] == prompt else rejected
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not any(message["content"].strip() for message in messages):
+            return BadRecord(location, Reason.EMPTY_RESPONSE, f"no {name} message after the prompt")
+    if chosen == rejected:
+        return BadRecord(location, Reason.CHOSEN_EQUALS_REJECTED, "identical responses after the prompt")
+    return PreferencePair(prompt, chosen, rejected, "conversational", location, index)
