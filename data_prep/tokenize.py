@@ -1,0 +1,246 @@
+"""One `PreferencePair` -> `prompt_ids`, `chosen_ids`, `rejected_ids`: rendering, BOS/EOS, boundary, cuts.
+
+Rendering. Text shapes are used as they are: the prompt text, and prompt + response as one text.
+Conversational pairs go through the tokenizer's chat template: the prompt with `add_generation_prompt=True`,
+prompt + response messages without it. Where the rendered conversation ends in the EOS token followed only by
+whitespace (a template that writes "</s>\\n" after every message), the trailing whitespace is dropped so that
+the response ends in EOS.
+
+Tokens. Texts are encoded in batches with the fast tokenizer and without special tokens; BOS and EOS are then
+placed by these rules, so a template or a text that already holds them never doubles them:
+- BOS: leading BOS ids collapse to one. The prompt starts with BOS if the tokenizer adds one (its
+  post-processor puts BOS before "a") or the rendered text starts with one. Responses never hold it.
+- EOS: trailing EOS ids of each response collapse into exactly one EOS, appended when missing.
+
+Boundary. The prompt is encoded once, prompt + response once per response; the response ids are the tokens
+of prompt + response after their longest common prefix with the prompt's tokens. When a BPE merge (or the
+template) crosses the boundary, that prefix is shorter than the prompt: the prompt's last tokens are then
+dropped from `prompt_ids`, and the full text's tokens from that point on are the response. Chosen and
+rejected share `prompt_ids`, so the shorter of their two common prefixes is used for both. In every case
+`prompt_ids + chosen_ids` is exactly the tokenization of prompt + chosen (plus BOS/EOS), so nothing is lost
+or duplicated; such pairs are counted as `boundary_adjusted`. Example (byte-level BPE, "Ġhello" in vocab):
+    prompt "Say hel", chosen "lo world"  ->  prompt tokens [Say, Ġhe, l], full [Say, Ġhello, Ġwor, ld]
+    ->  prompt_ids [BOS, Say], chosen_ids [Ġhello, Ġwor, ld, EOS]
+
+Truncation. The prompt is cut from the left to `max_prompt_length` (keeping its BOS, then its last tokens);
+then each response is cut from the right so that prompt + response <= `max_length`. A cut response still ends
+in EOS (its last kept token is replaced), so every response ends in exactly one EOS. A pair whose responses
+become identical is dropped (`identical_after_truncation`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from data_prep.formats import BadRecord, InputError, PreferencePair, Reason
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int
+    location: str
+    boundary_adjusted: bool
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos_id: int | None
+    eos_id: int
+    adds_bos: bool
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
+    """BOS/EOS ids, and whether the tokenizer's own special-token step puts BOS first."""
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no EOS token: every response must end in one")
+    bos_id = tokenizer.bos_token_id
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds_bos = bos_id is not None and with_special[:1] == [bos_id] and without[:1] != [bos_id]
+    return SpecialIds(bos_id=bos_id, eos_id=tokenizer.eos_token_id, adds_bos=adds_bos)
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of what decides token ids: vocabulary, merges, normaliser etc., chat template, special ids.
+
+    Stable across `save_pretrained`/`from_pretrained`, so training can check that it uses the prep tokenizer.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = sorted(tokenizer.get_vocab().items())
+    payload = {
+        "tokenizer": state,
+        "chat_template": tokenizer.chat_template,
+        "special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    if len(b) >= len(a) and b[: len(a)] == a:  # the usual case, checked at C speed
+        return len(a)
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def assemble(
+    prompt_tokens: list[int], chosen_tokens: list[int], rejected_tokens: list[int], special: SpecialIds
+) -> tuple[list[int], list[int], list[int], bool]:
+    """(prompt_ids, chosen_ids, rejected_ids, boundary_adjusted) from the encodings of prompt, prompt + chosen
+    and prompt + rejected (no special tokens added), by the BOS, EOS and boundary rules of this module.
+    """
+    bos = special.bos_id
+    starts_with_bos = bos is not None and prompt_tokens[:1] == [bos]
+    if starts_with_bos:
+        prompt_tokens, chosen_tokens, rejected_tokens = (
+            _strip_leading(ids, bos) for ids in (prompt_tokens, chosen_tokens, rejected_tokens)
+        )
+    shared = min(
+        common_prefix_length(prompt_tokens, chosen_tokens),
+        common_prefix_length(prompt_tokens, rejected_tokens),
+    )
+    lead = [bos] if bos is not None and (special.adds_bos or starts_with_bos) else []
+    prompt_ids = lead + prompt_tokens[:shared]
+    chosen_ids = _end_with_eos(chosen_tokens[shared:], special.eos_id)
+    rejected_ids = _end_with_eos(rejected_tokens[shared:], special.eos_id)
+    return prompt_ids, chosen_ids, rejected_ids, shared < len(prompt_tokens)
+
+
+def _strip_leading(ids: list[int], token: int) -> list[int]:
+    start = 0
+    while start < len(ids) and ids[start] == token:
+        start += 1
+    return ids[start:]
+
+
+def _end_with_eos(ids: list[int], eos_id: int) -> list[int]:
+    end = len(ids)
+    while end > 0 and ids[end - 1] == eos_id:
+        end -= 1
+    return ids[:end] + [eos_id]
+
+
+def truncate(
+    prompt_ids: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    keep_first: bool,
+) -> tuple[list[int], list[int], list[int], bool]:
+    """Prompt from the left to `max_prompt_length` (keeping its first token, BOS, when `keep_first`), then
+    each response from the right to `max_length - len(prompt)`, its last kept token replaced by its EOS.
+    """
+    truncated = False
+    if len(prompt_ids) > max_prompt_length:
+        head = prompt_ids[:1] if keep_first else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - (max_prompt_length - len(head)) :]
+        truncated = True
+    budget = max_length - len(prompt_ids)
+    responses = []
+    for ids in (chosen_ids, rejected_ids):
+        if len(ids) > budget:
+            ids = ids[: budget - 1] + ids[-1:]
+            truncated = True
+        responses.append(ids)
+    return prompt_ids, responses[0], responses[1], truncated
+
+
+class PairTokenizer:
+    """A batch of `PreferencePair`s -> `TokenizedPair`s, or `BadRecord`s saying why each was dropped."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, *, max_length: int, max_prompt_length: int
+    ) -> None:
+        if not 1 <= max_prompt_length < max_length:
+            raise ValueError(
+                f"need 1 <= max_prompt_length < max_length, got {max_prompt_length}, {max_length}"
+            )
+        self.tokenizer = tokenizer
+        self.special = special_ids(tokenizer)
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self._encode_fast = getattr(getattr(tokenizer, "backend_tokenizer", None), "encode_batch_fast", None)
+
+    def render(self, pair: PreferencePair) -> tuple[str, str, str]:
+        """(prompt text, prompt + chosen text, prompt + rejected text)."""
+        if isinstance(pair.prompt, str):
+            assert isinstance(pair.chosen, str) and isinstance(pair.rejected, str)
+            return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected
+        if not self.tokenizer.chat_template:
+            raise InputError(
+                "conversational records need a chat template: the tokenizer has none, pass --chat_template"
+            )
+        prompt_text = self.tokenizer.apply_chat_template(
+            pair.prompt, tokenize=False, add_generation_prompt=True
+        )
+        return (
+            prompt_text,
+            self._render_full(pair.prompt + pair.chosen),
+            self._render_full(pair.prompt + pair.rejected),
+        )
+
+    def _render_full(self, messages: list[dict[str, str]]) -> str:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        eos_token = self.tokenizer.eos_token
+        stripped = text.rstrip()
+        return stripped if eos_token and stripped.endswith(eos_token) else text
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self._encode_fast is not None:
+            return [encoding.ids for encoding in self._encode_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, pairs: list[PreferencePair]) -> list[TokenizedPair | BadRecord]:
+        texts: list[str] = []
+        for pair in pairs:
+            texts.extend(self.render(pair))
+        ids = self.encode(texts)
+        results: list[TokenizedPair | BadRecord] = []
+        for number, pair in enumerate(pairs):
+            results.append(self._one(pair, *ids[3 * number : 3 * number + 3]))
+        return results
+
+    def _one(
+        self, pair: PreferencePair, prompt: list[int], chosen: list[int], rejected: list[int]
+    ) -> TokenizedPair | BadRecord:
+        special = self.special
+        prompt_ids, chosen_ids, rejected_ids, adjusted = assemble(prompt, chosen, rejected, special)
+        if not prompt_ids:
+            return BadRecord(pair.location, Reason.EMPTY_PROMPT, "no prompt token before the response")
+        if len(chosen_ids) == 1 or len(rejected_ids) == 1:
+            return BadRecord(pair.location, Reason.EMPTY_RESPONSE, "a response has no token besides EOS")
+        if chosen_ids == rejected_ids:
+            return BadRecord(pair.location, Reason.CHOSEN_EQUALS_REJECTED, "identical token ids")
+        prompt_ids, chosen_ids, rejected_ids, truncated = truncate(
+            prompt_ids,
+            chosen_ids,
+            rejected_ids,
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+            keep_first=special.bos_id is not None and prompt_ids[0] == special.bos_id,
+        )
+        if chosen_ids == rejected_ids:
+            return BadRecord(
+                pair.location, Reason.IDENTICAL_AFTER_TRUNCATION, f"identical at {len(chosen_ids)} tokens"
+            )
+        return TokenizedPair(
+            prompt_ids, chosen_ids, rejected_ids, pair.index, pair.location, adjusted, truncated
+        )
