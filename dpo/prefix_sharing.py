@@ -1,0 +1,129 @@
+"""Prefix sharing: the prompt of a pair is computed once for its chosen and its rejected answer.
+
+Each pair becomes one sequence
+
+    [ prompt[:-1] | p_last, chosen | p_last, rejected ]
+      shared        chosen branch    rejected branch
+
+where p_last = prompt[-1] appears twice, once at the head of each branch, both copies at the same position id
+(P - 1 for a prompt of P tokens). A 4D additive mask lets every branch token see the shared prompt[:-1] and the
+earlier tokens of its own branch, never the other branch; chosen[j] and rejected[j] both sit at position P + j.
+
+Why two copies of p_last: the last prompt position predicts the first token of *both* answers, but `target_seq`
+holds one sequence per position. Each copy sees exactly prompt[:-1] and itself at position P - 1, which is what
+the last prompt token sees in the padded layout, so both copies compute the same hidden state and each scores its
+own answer's first token. Every scored position therefore has the same inputs, positions and visible context as
+in the padded layout: the layout is exact (up to float summation order), and it costs P + C + R + 1 tokens per
+pair instead of 2P + C + R.
+
+Pairs are packed first-fit decreasing into rows of at most `max_tokens_per_row` tokens (one pair per row when
+`packed=False`). The mask is dense (quadratic in the row length with sdpa on CPU), so rows stay bounded.
+Padding positions attend only to themselves (so no softmax row is empty) and are never attended or scored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dpo.data import PreferenceBatch, _ref_logps, _useful_tokens
+
+# Branch codes of each position: the mask is built from them in one broadcast.
+PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
+
+
+def shared_length(pair: dict[str, Any]) -> int:
+    """Tokens of a pair in the shared layout: P - 1 + (1 + C) + (1 + R)."""
+    return len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"]) + 1
+
+
+def _pack_rows(lengths: list[int], *, max_tokens_per_row: int, packed: bool) -> list[list[int]]:
+    """Pair indices per row: first-fit decreasing under the bound, or one pair per row."""
+    if not packed:
+        return [[i] for i in range(len(lengths))]
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r in range(len(rows)):
+            if used[r] + lengths[i] <= max_tokens_per_row:
+                rows[r].append(i)
+                used[r] += lengths[i]
+                break
+        else:  # a pair longer than the bound gets a row of its own
+            rows.append([i])
+            used.append(lengths[i])
+    return [sorted(members) for members in rows]
+
+
+def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens_per_row: int,
+                          weights: list[float] | None = None, packed: bool = True) -> PreferenceBatch:
+    """B pairs as prefix-shared sequences in R rows, with a [R, 1, T, T] additive float mask (0 or -inf).
+
+    Example, one pair with prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad 0:
+
+        input_ids    = [[5, 6, 7, 2, 6, 8, 9, 2]]
+        position_ids = [[0, 1, 2, 3, 1, 2, 3, 4]]        # the second 6 restarts at the prompt's last position
+        target_ids   = [[0, 7, 2, 0, 8, 9, 2, 0]]
+        target_seq   = [[-1, 0, 0, -1, 1, 1, 1, -1]]     # chosen of pair 0 is sequence 0, its rejected is 1
+        attention_mask[0, 0] = 0 where allowed, -inf elsewhere; allowed (row = query, column = key):
+            5: 5                    6: 5 6            7: 5 6 7           2: 5 6 7 2
+            6: 5 . . . 6            8: 5 . . . 6 8    9: 5 . . . 6 8 9   2: 5 . . . 6 8 9 2
+    """
+    weights = weights if weights is not None else [1.0] * len(pairs)
+    num_pairs = len(pairs)
+    for i, pair in enumerate(pairs):
+        if len(pair["prompt_ids"]) == 0:
+            raise ValueError(f"pair {i}: an empty prompt cannot be shared (the last prompt token predicts the "
+                             f"first answer token)")
+    lengths = [shared_length(p) for p in pairs]
+    rows = _pack_rows(lengths, max_tokens_per_row=max_tokens_per_row, packed=packed)
+    width = max(sum(lengths[i] for i in members) for members in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    target_ids = torch.zeros(shape, dtype=torch.long)
+    target_seq = torch.full(shape, -1, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)  # which pair slot of the row a position belongs to
+    branch = torch.full(shape, PAD, dtype=torch.long)
+    for r, members in enumerate(rows):
+        offset = 0
+        for slot, i in enumerate(members):
+            prompt, chosen, rejected = (list(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            p = len(prompt)
+            parts = [  # (tokens, first position id, branch code, sequence scored by the predictions)
+                (prompt[:-1], 0, SHARED, -1),
+                (prompt[-1:] + chosen, p - 1, CHOSEN, i),
+                (prompt[-1:] + rejected, p - 1, REJECTED, num_pairs + i),
+            ]
+            for tokens, first_pos, code, seq in parts:
+                n = len(tokens)
+                span = slice(offset, offset + n)
+                input_ids[r, span] = torch.tensor(tokens, dtype=torch.long)
+                position_ids[r, span] = torch.arange(first_pos, first_pos + n)
+                segment[r, span] = slot
+                branch[r, span] = code
+                if seq >= 0 and n > 1:  # each branch token predicts the next token of the same branch
+                    target_ids[r, offset:offset + n - 1] = torch.tensor(tokens[1:], dtype=torch.long)
+                    target_seq[r, offset:offset + n - 1] = seq
+                offset += n
+    attention_mask = _mask_from_branches(segment, branch)
+    ref_chosen, ref_rejected = _ref_logps(pairs)
+    return PreferenceBatch(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, target_ids=target_ids,
+        target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=num_pairs,
+        num_tokens=_useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+    )
+
+
+def _mask_from_branches(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """[R, 1, T, T] additive mask: query q sees key k when k <= q in the same pair, unless q is a rejected-branch
+    token and k a chosen-branch token; every position sees itself (padding included, so no softmax is empty)."""
+    t = segment.shape[1]
+    index = torch.arange(t)
+    causal = index[None, :, None] >= index[None, None, :]  # [1, T(q), T(k)]
+    same_pair = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    crosses = (branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN)
+    allowed = (causal & same_pair & ~crosses) | torch.eye(t, dtype=torch.bool)[None]
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None]
