@@ -1,0 +1,393 @@
+"""Data prep: raw preference JSON -> tokenized Arrow shards + prep_report.json, written atomically.
+
+    python -m data_prep --input PATH [--input PATH ...] --tokenizer PATH --output DIR [options]
+    dpo-prep --input data/dpo.jsonl --tokenizer tok/ --output prepped/ --eval_fraction 0.05 --num_shards 4
+    ./launch.sh prep ...
+
+DIR afterwards holds
+    train/, eval/       `datasets.save_to_disk` shards; columns prompt_ids, chosen_ids, rejected_ids (list<int32>,
+                        responses without the prompt, each ending in one EOS) and source_index (int64, the
+                        record's number among the records read for that split)
+    tokenizer/          the tokenizer, `save_pretrained` (pad token set to EOS when it had none)
+    prep_report.json    counts, skip reasons with `file:line` examples, token-length statistics, hashes
+Exit status: 0 done; 1 an input, tokenizer or output problem; 2 a bad record under `--on_bad_record error`
+(one stderr line, "file:line: reason: detail") or a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset, Features, List, Value
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from data_prep.formats import (
+    SHAPES,
+    BadRecord,
+    BadRecordError,
+    InputError,
+    PreferencePair,
+    SkipLog,
+    read_inputs,
+)
+from data_prep.tokenize import PairTokenizer, TokenizedPair, tokenizer_hash
+
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+FEATURES = Features(
+    {
+        "prompt_ids": List(Value("int32")),
+        "chosen_ids": List(Value("int32")),
+        "rejected_ids": List(Value("int32")),
+        "source_index": Value("int64"),
+    }
+)
+REPORT_NAME = "prep_report.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--input", action="append", required=True, help="a .json/.jsonl(.gz) file or a directory"
+    )
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (or name) for AutoTokenizer")
+    parser.add_argument("--output", required=True, type=Path, help="output directory, written atomically")
+    parser.add_argument(
+        "--format", choices=("auto", *SHAPES), default="auto", help="record shape (default: detect)"
+    )
+    parser.add_argument(
+        "--chat_template", type=Path, help="Jinja chat template file, overrides the tokenizer's"
+    )
+    parser.add_argument(
+        "--max_length", type=int, default=1024, help="max prompt + response tokens, each side"
+    )
+    parser.add_argument("--max_prompt_length", type=int, help="max prompt tokens (default: max_length // 2)")
+    parser.add_argument(
+        "--on_bad_record",
+        choices=("skip", "error"),
+        default="skip",
+        help="skip and count, or stop with exit 2",
+    )
+    parser.add_argument("--eval_fraction", type=float, default=0.0, help="share of pairs held out for eval/")
+    parser.add_argument("--eval_input", action="append", help="eval records from these files instead")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the eval split")
+    parser.add_argument(
+        "--num_shards", type=int, default=1, help="Arrow shards per split (at most one per pair)"
+    )
+    parser.add_argument("--num_proc", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--batch_size", type=int, default=1000, help="pairs per tokenizer batch")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    args = parser.parse_args(argv)
+    if args.max_prompt_length is None:
+        args.max_prompt_length = args.max_length // 2
+    if not 1 <= args.max_prompt_length < args.max_length:
+        parser.error("need 1 <= --max_prompt_length < --max_length")
+    if not 0.0 <= args.eval_fraction < 1.0:
+        parser.error("--eval_fraction must be in [0, 1)")
+    if args.eval_fraction > 0 and args.eval_input:
+        parser.error("use --eval_fraction or --eval_input, not both")
+    for name in ("num_shards", "num_proc", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def load_tokenizer(name_or_path: str, chat_template: Path | None) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The tokenizer with `chat_template` applied, and whether a pad token (EOS) had to be set."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load tokenizer {name_or_path!r}: {error}") from error
+    if chat_template is not None:
+        try:
+            tokenizer.chat_template = chat_template.read_text()
+        except OSError as error:
+            raise InputError(f"cannot read chat template {chat_template}: {error}") from error
+    pad_added = tokenizer.pad_token is None
+    if pad_added:
+        # Training pads with this id but masks by length, so sharing the EOS id is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, pad_added
+
+
+_WORKER: PairTokenizer | None = None
+
+
+def _init_worker(pair_tokenizer: PairTokenizer) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER = pair_tokenizer
+
+
+def _tokenize_chunk(chunk: list[PreferencePair]) -> list[TokenizedPair | BadRecord]:
+    assert _WORKER is not None
+    return _WORKER(chunk)
+
+
+def tokenize_pairs(
+    pairs: list[PreferencePair],
+    pair_tokenizer: PairTokenizer,
+    *,
+    skips: SkipLog,
+    num_proc: int = 1,
+    batch_size: int = 1000,
+    desc: str = "tokenize",
+) -> list[TokenizedPair]:
+    """Tokenize in batches (in `num_proc` processes), keeping input order; dropped pairs go to `skips`."""
+    chunks = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+    kept: list[TokenizedPair] = []
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=None) as progress:
+        if num_proc > 1 and len(chunks) > 1:
+            context = multiprocessing.get_context("fork")
+            with context.Pool(min(num_proc, len(chunks)), _init_worker, (pair_tokenizer,)) as pool:
+                results: Iterator[list[TokenizedPair | BadRecord]] = pool.imap(_tokenize_chunk, chunks)
+                _collect(results, kept, skips, progress)
+        else:
+            _collect(map(pair_tokenizer, chunks), kept, skips, progress)
+    return kept
+
+
+def _collect(
+    results: Iterator[list[TokenizedPair | BadRecord]],
+    kept: list[TokenizedPair],
+    skips: SkipLog,
+    progress: tqdm,
+) -> None:
+    for chunk in results:
+        for result in chunk:
+            if isinstance(result, BadRecord):
+                skips.add(result)
+            else:
+                kept.append(result)
+        progress.update(len(chunk))
+
+
+def split_eval(
+    pairs: list[TokenizedPair], *, fraction: float, seed: int
+) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """(train, eval): whole prompt groups move to eval until it holds at least round(fraction * n) pairs (>= 1).
+
+    Groups are taken in the order of a seeded hash of their prompt ids, so the split depends only on the data
+    and the seed, and pairs that share a prompt never straddle train and eval. Both keep input order.
+    """
+    groups: dict[bytes, list[int]] = {}
+    for number, pair in enumerate(pairs):
+        groups.setdefault(np.asarray(pair.prompt_ids, dtype="<i8").tobytes(), []).append(number)
+    key = str(seed).encode()
+    order = sorted(
+        groups, key=lambda prompt: (hashlib.blake2b(prompt, key=key, digest_size=8).digest(), prompt)
+    )
+    target = max(1, round(fraction * len(pairs)))
+    held_out: set[int] = set()
+    for prompt in order:
+        if len(held_out) >= target:
+            break
+        held_out.update(groups[prompt])
+    train = [pair for number, pair in enumerate(pairs) if number not in held_out]
+    evaluation = [pair for number, pair in enumerate(pairs) if number in held_out]
+    if not train:
+        raise InputError(
+            f"--eval_fraction {fraction} leaves no training pairs ({len(pairs)} pairs, one prompt group)"
+        )
+    return train, evaluation
+
+
+def to_dataset(pairs: list[TokenizedPair]) -> Dataset:
+    columns = {
+        "prompt_ids": [pair.prompt_ids for pair in pairs],
+        "chosen_ids": [pair.chosen_ids for pair in pairs],
+        "rejected_ids": [pair.rejected_ids for pair in pairs],
+        "source_index": [pair.index for pair in pairs],
+    }
+    return Dataset.from_dict(columns, features=FEATURES)
+
+
+def token_columns_hash(splits: Mapping[str, Dataset]) -> str:
+    """sha256 over the token columns of every split (by name, sorted), as int64 lengths and values.
+
+    Independent of shard count and of int32/int64 storage; `load_from_disk` output hashes the same as what
+    was written, so training can use it as the data fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        table = splits[name].with_format("arrow")[:]
+        digest.update(f"{name}:{table.num_rows};".encode())
+        for column in TOKEN_COLUMNS:
+            array = table.column(column).combine_chunks()
+            digest.update(pc.list_value_length(array).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+            digest.update(array.flatten().to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    values = np.asarray(lengths, dtype=np.float64)
+    return {
+        "mean": round(float(values.mean()), 2),
+        "p50": round(float(np.percentile(values, 50)), 2),
+        "p95": round(float(np.percentile(values, 95)), 2),
+        "max": int(values.max()),
+    }
+
+
+def check_output(output: Path, *, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise InputError(f"{output} is not empty: pass --overwrite to replace it")
+
+
+@contextmanager
+def staged_output(output: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A fresh hidden sibling of `output` to write into; renamed to `output` only if the block succeeds.
+
+    On any failure the sibling is removed, so `output` is either absent, as it was, or complete.
+    """
+    output = output.absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output should look like any mkdir
+    try:
+        yield staging
+        check_output(output, overwrite=overwrite)
+        old = None
+        if output.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / "previous")
+        os.replace(staging, output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_split(path: Path, dataset: Dataset, num_shards: int) -> int:
+    """Save one split in `min(num_shards, rows)` shards; returns the shard count."""
+    shards = max(1, min(num_shards, len(dataset)))
+    dataset.save_to_disk(str(path), num_shards=shards)
+    return shards
+
+
+def _read_split(
+    inputs: list[str], shape: str, skips: SkipLog, formats: dict[str, str]
+) -> tuple[list[PreferencePair], int]:
+    result = read_inputs(inputs, shape=None if shape == "auto" else shape, skips=skips)  # type: ignore[arg-type]
+    formats.update(result.formats)
+    if result.records_read == 0:
+        raise InputError(f"no records in {', '.join(inputs)}")
+    return result.pairs, result.records_read
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole stage; returns the report that was written."""
+    check_output(args.output, overwrite=args.overwrite)
+    tokenizer, pad_added = load_tokenizer(args.tokenizer, args.chat_template)
+    pair_tokenizer = PairTokenizer(
+        tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length
+    )
+    skips = SkipLog(strict=args.on_bad_record == "error")
+    formats: dict[str, str] = {}
+    raw = {"train": _read_split(args.input, args.format, skips, formats)}
+    if args.eval_input:
+        raw["eval"] = _read_split(args.eval_input, args.format, skips, formats)
+    needs_template = any(pair.shape == "conversational" for pairs, _ in raw.values() for pair in pairs)
+    if needs_template and not tokenizer.chat_template:
+        raise InputError(
+            "conversational records need a chat template: the tokenizer has none, pass --chat_template"
+        )
+    common = {"skips": skips, "num_proc": args.num_proc, "batch_size": args.batch_size}
+    splits = {
+        name: tokenize_pairs(pairs, pair_tokenizer, desc=name, **common) for name, (pairs, _) in raw.items()
+    }
+    for name, pairs in splits.items():
+        if not pairs:
+            raise InputError(f"no {name} pair survived ({skips.total} skipped: {_nonzero(skips.counts)})")
+    if args.eval_fraction > 0:
+        splits["train"], splits["eval"] = split_eval(
+            splits["train"], fraction=args.eval_fraction, seed=args.seed
+        )
+    datasets = {name: to_dataset(pairs) for name, pairs in splits.items()}
+    written = [pair for pairs in splits.values() for pair in pairs]
+    report = {
+        "records_read": sum(count for _, count in raw.values()),
+        "pairs_written": {"train": len(splits["train"]), "eval": len(splits.get("eval", []))},
+        "skipped": skips.counts,
+        "skipped_examples": skips.examples,
+        "truncated_pairs": sum(pair.truncated for pair in written),
+        "boundary_adjusted": sum(pair.boundary_adjusted for pair in written),
+        "format": formats,
+        "tokenizer": {
+            "name_or_path": args.tokenizer,
+            "hash": None,  # filled in from the saved copy below
+            "chat_template": str(args.chat_template) if args.chat_template else "tokenizer",
+            "pad_token_set_to_eos": pad_added,
+        },
+        "max_length": args.max_length,
+        "max_prompt_length": args.max_prompt_length,
+        "token_lengths": {
+            "prompt": length_stats([len(pair.prompt_ids) for pair in written]),
+            "response": length_stats(
+                [len(ids) for pair in written for ids in (pair.chosen_ids, pair.rejected_ids)]
+            ),
+        },
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "prompt_starts_with_bos": pair_tokenizer.special.adds_bos,
+        "data_hash": token_columns_hash(datasets),
+        "columns": [*TOKEN_COLUMNS, "source_index"],
+        "inputs": {"train": args.input, "eval": args.eval_input or []},
+        "split": {"eval_fraction": args.eval_fraction, "seed": args.seed},
+    }
+    with staged_output(args.output, overwrite=args.overwrite) as staging:
+        report["num_shards"] = {
+            name: write_split(staging / name, data, args.num_shards) for name, data in datasets.items()
+        }
+        tokenizer.save_pretrained(str(staging / "tokenizer"))
+        report["tokenizer"]["hash"] = tokenizer_hash(
+            AutoTokenizer.from_pretrained(str(staging / "tokenizer"))
+        )
+        # Written last: a directory with a report is complete even before the rename.
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _nonzero(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}={count}" for reason, count in counts.items() if count) or "none"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m data_prep --input PATH --tokenizer PATH --output DIR [options]`; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except BadRecordError as error:
+        print(str(error).replace("\n", " "), file=sys.stderr)
+        return 2
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    written = report["pairs_written"]
+    print(
+        f"wrote {written['train']} train and {written['eval']} eval pairs to {args.output} "
+        f"from {report['records_read']} records (skipped: {_nonzero(report['skipped'])})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
