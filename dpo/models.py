@@ -42,20 +42,53 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
+def policy_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype weights load in, for the policy and every frozen reference alike: fp32 master weights, with
+    `mixed_precision` applied by autocast (DeepSpeed casts both engines to its 16-bit dtype the same way)."""
+    return torch.float32
+
+
+def reference_source(cfg: TrainConfig) -> tuple[str, str | None]:
+    """(model folder, SFT adapter folder or None) of the reference: `ref_model_path` alone when given, otherwise
+    the starting policy, i.e. `model_path` with `lora_adapter_path` merged in - never the bare base."""
+    if cfg.ref_model_path and Path(cfg.ref_model_path).resolve() != Path(cfg.model_path).resolve():
+        return cfg.ref_model_path, None
+    return cfg.model_path, cfg.lora_adapter_path
+
+
+def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig) -> PreTrainedModel:
+    """A model folder, dropout off, with an SFT LoRA adapter merged into its weights when `adapter_path` is set."""
+    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, dtype=policy_dtype(cfg))
+    if adapter_path:
+        from peft import PeftModel
+
+        if not Path(adapter_path).is_dir():
+            raise FileNotFoundError(f"lora_adapter_path {adapter_path!r} does not exist")
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    disable_dropout(model)
+    return model
+
+
+def load_reference_model(cfg: TrainConfig) -> PreTrainedModel:
+    """The frozen copy: loaded once, eval mode, no gradients, in the policy's dtype."""
+    path, adapter_path = reference_source(cfg)
+    model = load_base_model(path, adapter_path=adapter_path, cfg=cfg)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def load_policy(cfg: TrainConfig) -> PreTrainedModel:
     """The trainable policy: the SFT model, or it plus a fresh LoRA adapter (an SFT adapter merged first)."""
-    model = load_causal_lm(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
-    disable_dropout(model)
+    # The SFT adapter becomes part of the frozen base: the reference (adapters disabled) is base + SFT.
+    model = load_base_model(cfg.model_path, adapter_path=cfg.lora_adapter_path if cfg.lora else None, cfg=cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if not cfg.lora:
         return model
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-    if cfg.lora_adapter_path:
-        # The SFT adapter becomes part of the frozen base: the reference (adapters disabled) is base + SFT.
-        model = PeftModel.from_pretrained(model, cfg.lora_adapter_path).merge_and_unload()
     lora_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

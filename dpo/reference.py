@@ -5,17 +5,28 @@
     reference = build_reference(kind, cfg, accelerator)
     ref_chosen, ref_rejected = reference.logps(policy, batch)       # [B] each, no gradient
 
-- model: a frozen copy of the starting policy (or `ref_model_path`), eval mode, no gradients, policy dtype.
-- adapters_disabled: the policy itself with its LoRA adapters switched off (no second model in memory).
-- precomputed: columns stored with the shards by `python -m dpo.precompute_ref`; no model is loaded.
+- model: a frozen copy of the starting policy (`model_path` + SFT adapter), or of `ref_model_path` when given;
+  loaded once, eval mode, no gradients, in the policy's dtype (`dpo.models.policy_dtype`). Under DeepSpeed ZeRO-3
+  it is an inference-only engine, sharded like the policy.
+- adapters_disabled: the policy itself with its LoRA adapters switched off (no second model in memory). The SFT
+  adapter, if any, was merged into the base weights, so it stays on.
+- precomputed: columns stored with the shards by `python -m dpo.precompute_ref`; no model is loaded. Used only
+  when the fingerprint stored with them matches what is being trained (`dpo.precompute_ref.check_precomputed`).
 - none: reference-free losses (SimPO).
+
+`auto` takes the cheapest strategy that gives the right values: precomputed when the stored fingerprint matches
+(train and, when present, eval), else adapters_disabled with LoRA (unless a separate `ref_model_path` is given),
+else model. A precomputed set that does not match is never used by `auto`: it logs why and falls back to an
+on-the-fly reference, which is always correct, only slower. An explicit `--reference precomputed` refuses instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -24,20 +35,45 @@ from dpo.data import PreferenceBatch
 from dpo.logprobs import sequence_logps
 
 
-def resolve_reference_kind(cfg: TrainConfig, *, train_has_precomputed: bool) -> str:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def resolve_reference_kind(cfg: TrainConfig, *, train_has_precomputed: bool,
+                           log: Callable[[str], None] = _stderr) -> str:
+    """The strategy for this run; raises ValueError when an explicit choice cannot give the right reference."""
+    from dpo.models import reference_source
+    from dpo.precompute_ref import check_precomputed, precomputed_mismatch, splits_present
+
     if cfg.reference_free:
         return "none"
-    if cfg.reference != "auto":
-        if cfg.reference == "precomputed" and not train_has_precomputed:
+    separate_reference = reference_source(cfg)[0] != cfg.model_path
+    if cfg.reference == "precomputed":
+        if not train_has_precomputed:
             raise ValueError(
                 f"reference: 'precomputed' but {cfg.data_path}/train has no ref_chosen_logps/ref_rejected_logps; "
                 f"run `python -m dpo.precompute_ref --model_path {cfg.model_path} --data_path {cfg.data_path}`"
             )
-        return cfg.reference
-    if cfg.lora:
-        return "adapters_disabled"
-    if train_has_precomputed:
+        for split in splits_present(cfg.data_path):
+            check_precomputed(cfg, split)
         return "precomputed"
+    if cfg.reference == "adapters_disabled":
+        if separate_reference:
+            raise ValueError(f"reference: 'adapters_disabled' uses the policy's own base weights, but "
+                             f"ref_model_path is {cfg.ref_model_path!r}; use --reference model for a separate model")
+        return "adapters_disabled"
+    if cfg.reference == "model":
+        return "model"
+    if train_has_precomputed:
+        problems = [p for p in (precomputed_mismatch(cfg, s) for s in splits_present(cfg.data_path)) if p]
+        if not problems:
+            return "precomputed"
+        fallback = "adapters_disabled" if cfg.lora and not separate_reference else "model"
+        log(f"[dpo] reference auto: not using the precomputed log-probs in {cfg.data_path} "
+            f"({'; '.join(problems)}); computing them on the fly instead ({fallback})")
+        return fallback
+    if cfg.lora and not separate_reference:
+        return "adapters_disabled"
     return "model"
 
 
@@ -51,8 +87,12 @@ class Reference:
     autocast: Any = contextlib.nullcontext
 
     @torch.no_grad()
-    def logps(self, policy: torch.nn.Module, batch: PreferenceBatch, *, unwrapped_policy: Any = None
+    def logps(self, policy: torch.nn.Module | None, batch: PreferenceBatch, *, unwrapped_policy: Any = None
               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Reference log-probs of the batch's chosen and rejected answers, [B] each (None, None when reference-free).
+
+        Averaged per token exactly when training averages (`average_log_prob`), so the log-ratios compare like
+        with like."""
         if self.kind == "none":
             return None, None
         if self.kind == "precomputed":
@@ -65,6 +105,8 @@ class Reference:
                                      chunk_size=self.cfg.logits_chunk_size)
             return out.chosen_logps.detach(), out.rejected_logps.detach()
         if self.kind == "adapters_disabled":
+            if policy is None:
+                raise ValueError("reference 'adapters_disabled' needs the policy")
             peft_model = unwrapped_policy if unwrapped_policy is not None else policy
             was_training = policy.training
             policy.eval()  # LoRA dropout is bypassed anyway; this keeps any remaining module deterministic
@@ -79,16 +121,15 @@ class Reference:
 
 
 def build_reference(kind: str, cfg: TrainConfig, accelerator: Any) -> Reference:
-    """Load what the strategy needs: only the frozen copy loads a model."""
+    """Load what the strategy needs: only the frozen copy loads a model (precomputed never does)."""
     if kind != "model":
         return Reference(kind=kind, cfg=cfg, autocast=accelerator.autocast)
-    from dpo.models import disable_dropout, load_causal_lm
+    from dpo.models import load_reference_model, reference_source
 
-    model = load_causal_lm(cfg.ref_model_path or cfg.model_path, trust_remote_code=cfg.trust_remote_code)
-    disable_dropout(model)
-    model.eval()
-    model.requires_grad_(False)
-    model = prepare_frozen_model(model, accelerator)
+    path, _ = reference_source(cfg)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"reference model {path!r} does not exist (ref_model_path defaults to model_path)")
+    model = prepare_frozen_model(load_reference_model(cfg), accelerator)
     return Reference(kind=kind, cfg=cfg, model=model, autocast=accelerator.autocast)
 
 

@@ -1,0 +1,42 @@
+"""A trained LoRA adapter back on its base: reload it, or merge it into a standalone model.
+
+    policy = load_trained_adapter(cfg, "runs/lora/final")        # PeftModel on base (+ SFT adapter) weights
+    merge_adapter_into_base(cfg, "runs/lora/final", "runs/lora/final_merged", tokenizer)
+
+The adapter in `final/` was trained on top of `model_path` with `lora_adapter_path` (the SFT adapter) already
+merged in, so it must be applied to that same merged base: applying it to the bare `model_path` would give another
+model. Both functions rebuild that base with `dpo.models.load_base_model`, the function training used.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo.config import TrainConfig
+from dpo.models import atomic_replace_dir, load_base_model
+
+
+def load_trained_adapter(cfg: TrainConfig, adapter_dir: str | Path) -> PeftModel:
+    """The trained adapter on the base it was trained on (`model_path` + SFT adapter merged), in eval mode."""
+    base = load_base_model(cfg.model_path, adapter_path=cfg.lora_adapter_path, cfg=cfg)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    return model
+
+
+def merge_adapter_into_base(cfg: TrainConfig, adapter_dir: str | Path, merged_dir: str | Path,
+                            tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Write base + SFT adapter + trained adapter as one model (safetensors and tokenizer) to `merged_dir`,
+    loadable with `AutoModelForCausalLM.from_pretrained`. The folder appears only once complete."""
+    merged = load_trained_adapter(cfg, adapter_dir).merge_and_unload()
+    merged_dir = Path(merged_dir)
+    tmp = merged_dir.with_name(f".tmp-{merged_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    atomic_replace_dir(tmp, merged_dir)
+    return merged
