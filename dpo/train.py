@@ -184,7 +184,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             f"(a different {left_out} each epoch: the order is reshuffled)")
 
     # ---- models: the policy, then the reference (one decision, in dpo/reference.py)
-    ref_kind = resolve_reference_kind(cfg, train_has_precomputed=has_ref_columns(train_ds))
+    ref_kind = resolve_reference_kind(cfg, train_has_precomputed=has_ref_columns(train_ds), log=log)
     if ref_kind == "precomputed":
         from dpo.precompute_ref import check_precomputed
 
