@@ -17,21 +17,35 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 
-def build_accelerator(*, mixed_precision: str, gradient_accumulation_steps: int, max_grad_norm: float
-                      ) -> Accelerator:
-    launched = "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+def build_accelerator(*, mixed_precision: str, gradient_accumulation_steps: int, max_grad_norm: float,
+                      batch_size: int | None = None) -> Accelerator:
+    """The run's Accelerator. Under DeepSpeed, the "auto" fields of the JSON are filled from the recipe here (the
+    loop feeds batches itself, so Accelerate has no DataLoader to read the micro-batch size from)."""
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    launched = "WORLD_SIZE" in os.environ or use_deepspeed
+    on_cpu = launched and not torch.cuda.is_available()
     # Only a launched (multi-process or DeepSpeed) run has a process group; a plain single process has none.
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=handlers,
+        # Without cpu=True, Accelerate maps a multi-process DDP launch without CUDA to DistributedType.NO: every
+        # process would train alone on its slice of the data, with no gradient all-reduce. cpu=True makes it
+        # MULTI_CPU (DDP over gloo). DeepSpeed brings its own CPU accelerator and needs no flag.
+        cpu=on_cpu and not use_deepspeed,
     )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(f"{accelerator.num_processes} processes were launched but Accelerate set up no "
+                           f"distributed training: they would train independently. Check the accelerate config.")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         # The recipe's max_grad_norm is the one clipping knob: DeepSpeed clips inside its step.
         if ds_config.get("gradient_clipping", "auto") == "auto":
             ds_config["gradient_clipping"] = max_grad_norm
+        # Accelerate derives train_batch_size (micro x accumulation x processes) and the accumulation from this.
+        if batch_size is not None and ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = batch_size
     return accelerator
 
 
