@@ -147,7 +147,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # ---- accelerator, seed, output dir
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision,
                                     gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                    max_grad_norm=cfg.max_grad_norm)
+                                    max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size)
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -205,7 +205,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     unwrapped_policy = accelerator.unwrap_model(policy)
     reference = build_reference(ref_kind, cfg, accelerator)
     if accelerator.is_main_process:
-        n_train = sum(p.numel() for p in unwrapped_policy.parameters() if p.requires_grad)
+        # ZeRO-3 leaves an empty placeholder in each partitioned parameter; ds_numel is its full size.
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)
         log(f"[dpo] trainable parameters: {n_train:,}" + (" (LoRA)" if is_peft_model(unwrapped_policy) else ""))
 
     # ---- resume
