@@ -63,6 +63,13 @@ def accelerator():
     return build_accelerator(mixed_precision="no", gradient_accumulation_steps=1, max_grad_norm=1.0)
 
 
+def frozen_copy_logps(reference, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen copy's log-probs on the CPU (on a GPU machine the Accelerator places the copy on the GPU)."""
+    device = next(reference.model.parameters()).device
+    chosen, rejected = reference.logps(None, batch.to(device))
+    return chosen.cpu(), rejected.cpu()
+
+
 @pytest.mark.parametrize("average", [False, True])
 def test_precomputed_equal_the_on_the_fly_reference(inputs, tmp_path, average):
     data = inputs["precomputed"] if not average else copy_of(inputs, "data", tmp_path)
@@ -79,7 +86,7 @@ def test_precomputed_equal_the_on_the_fly_reference(inputs, tmp_path, average):
                         lambda p: collate_packed(p, pad_token_id=inputs["pad"], max_tokens_per_row=64)):
             for start in range(0, len(pairs), 4):
                 batch = collate(pairs[start:start + 4])
-                ref_chosen, ref_rejected = reference.logps(None, batch)
+                ref_chosen, ref_rejected = frozen_copy_logps(reference, batch)
                 torch.testing.assert_close(batch.ref_chosen_logps, ref_chosen, rtol=0, atol=1e-5)
                 torch.testing.assert_close(batch.ref_rejected_logps, ref_rejected, rtol=0, atol=1e-5)
         check_precomputed(cfg, split)

@@ -41,6 +41,13 @@ def accelerator():
     return build_accelerator(mixed_precision="no", gradient_accumulation_steps=1, max_grad_norm=1.0)
 
 
+def frozen_copy_logps(reference, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen copy's log-probs on the CPU (on a GPU machine the Accelerator places the copy on the GPU)."""
+    device = next(reference.model.parameters()).device
+    chosen, rejected = reference.logps(None, batch.to(device))
+    return chosen.cpu(), rejected.cpu()
+
+
 def perturb_lora(model: torch.nn.Module, *, seed: int) -> None:
     """Give the fresh adapter non-zero weights (its B starts at zero, so it would equal the base)."""
     generator = torch.Generator().manual_seed(seed)
@@ -79,7 +86,7 @@ def test_sft_adapter_is_part_of_the_reference_and_the_bare_base_differs(inputs):
     perturb_lora(policy, seed=4)  # the fresh DPO adapter must not leak into the reference either
     by_strategy = {
         "adapters_disabled": Reference("adapters_disabled", cfg).logps(policy, batch),
-        "model": build_reference("model", cfg, accelerator()).logps(None, batch),
+        "model": frozen_copy_logps(build_reference("model", cfg, accelerator()), batch),
     }
     for kind, (ref_chosen, ref_rejected) in by_strategy.items():
         torch.testing.assert_close(ref_chosen, expected.chosen_logps, rtol=0, atol=1e-5, msg=kind)
@@ -95,7 +102,7 @@ def test_frozen_copy_is_frozen_in_the_policy_dtype(inputs):
     assert {p.dtype for p in reference.model.parameters()} == {p.dtype for p in policy.parameters()}
     assert not reference.model.training
     assert not any(p.requires_grad for p in reference.model.parameters())
-    ref_chosen, _ = reference.logps(None, inputs["batch"])
+    ref_chosen, _ = frozen_copy_logps(reference, inputs["batch"])
     torch.testing.assert_close(ref_chosen, sequence_logps(policy, inputs["batch"]).chosen_logps, rtol=0, atol=1e-6)
     missing = config(inputs, ref_model_path=str(Path(inputs["model"]).parent / "no_such_model"))
     with pytest.raises(FileNotFoundError, match="no_such_model"):
