@@ -162,9 +162,12 @@ class FastTripleEncoder:
     def agrees_with_backend(self, texts: Sequence[str]) -> bool:
         expected = [encoding.ids for encoding in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
         triples = [(text, text + other, text + other[::-1]) for text in texts for other in texts]
-        full = [encoding.ids for encoding in self.backend.encode_batch_fast(
-            [text for triple in triples for text in triple], add_special_tokens=False
-        )]
+        full = [
+            encoding.ids
+            for encoding in self.backend.encode_batch_fast(
+                [text for triple in triples for text in triple], add_special_tokens=False
+            )
+        ]
         got = self.encode(triples)
         return self.encode_texts(list(texts)) == expected and [ids for triple in got for ids in triple] == full
 
