@@ -5,14 +5,15 @@ reference strategy (frozen copy, adapters disabled, precomputed columns)."""
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import make_data_dir, make_model_dir, make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from builders import make_data_dir, make_model_dir, make_tokenizer
 from dpo.config import TrainConfig, load_config
 from dpo.data import PreferenceBatch, collate_padded, make_collate
 from dpo.logprobs import sequence_logps
@@ -268,6 +269,7 @@ def train_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layout_train")
     tokenizer = make_tokenizer()
     return {"model": str(make_model_dir(root / "model", tokenizer, seed=0)),
+            "other_model": str(make_model_dir(root / "other_model", tokenizer, seed=1)),
             "data": str(make_data_dir(root / "data", tokenizer, n_train=24, n_eval=6, seed=0))}
 
 
@@ -279,10 +281,22 @@ def run_training(inputs: dict, out, *flags: str) -> list[dict]:
     return read_metrics(out)
 
 
-@pytest.mark.parametrize("reference", ["model", "adapters_disabled"])
+@pytest.mark.parametrize("reference", ["model", "adapters_disabled", "precomputed"])
 def test_training_trajectory_is_the_same_for_every_layout(train_inputs, tmp_path, reference):
-    extra = ("--reference", reference) + (("--lora", "--lora_dropout", "0", "--learning_rate", "5e-2")
-                                          if reference == "adapters_disabled" else ())
+    inputs = dict(train_inputs)
+    extra: tuple[str, ...] = ("--reference", reference)
+    if reference == "adapters_disabled":
+        extra += ("--lora", "--lora_dropout", "0", "--learning_rate", "5e-2")
+    if reference == "precomputed":
+        # The real precompute step, on a copy of the data, in the padded layout. The reference is another model:
+        # were it the policy itself, step-1 rewards would be float noise around 0 and their signs (the accuracy)
+        # would depend on summation order.
+        from dpo.precompute_ref import main as precompute_main
+
+        inputs["data"] = str(shutil.copytree(train_inputs["data"], tmp_path / "data"))
+        extra += ("--ref_model_path", train_inputs["other_model"])
+        assert precompute_main(["--model_path", inputs["model"], "--data_path", inputs["data"], "--layout", "padded",
+                                "--ref_model_path", train_inputs["other_model"]]) == 0
     runs = {
         "padded": ("--layout", "padded", "--prefix_sharing", "false"),
         "packed": ("--layout", "packed", "--prefix_sharing", "false"),
@@ -290,7 +304,7 @@ def test_training_trajectory_is_the_same_for_every_layout(train_inputs, tmp_path
     }
     if reference == "model":
         runs["shared_unpacked"] = ("--layout", "padded", "--prefix_sharing", "true")
-    records = {name: run_training(train_inputs, tmp_path / name, *flags, *extra) for name, flags in runs.items()}
+    records = {name: run_training(inputs, tmp_path / name, *flags, *extra) for name, flags in runs.items()}
     base = records.pop("padded")
     assert [r["step"] for r in base if r["split"] == "train"] == [1, 2, 3]
     assert base[-1]["loss"] != pytest.approx(base[0]["loss"], abs=1e-4)  # it trains, so the trajectory says something
