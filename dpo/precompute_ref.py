@@ -234,7 +234,7 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     from dpo.reference import build_reference
 
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
-                                    max_grad_norm=cfg.max_grad_norm)
+                                    max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size or cfg.batch_size)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

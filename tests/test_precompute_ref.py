@@ -167,8 +167,9 @@ def test_a_fingerprint_mismatch_is_refused(inputs, tmp_path, capsys, change, mes
 
 
 def test_auto_uses_matching_precomputed_and_needs_every_split(inputs, tmp_path):
-    assert resolve_reference_kind(config(inputs["model"], inputs["precomputed"]), train_has_precomputed=True) \
-        == "precomputed"
+    for lora in (False, True):  # matching stored values skip the reference forward, with LoRA too
+        assert resolve_reference_kind(config(inputs["model"], inputs["precomputed"], lora=lora),
+                                      train_has_precomputed=True) == "precomputed"
     data = copy_of(inputs, "data", tmp_path)
     assert main(["--model_path", inputs["model"], "--data_path", data, "--splits", "train"]) == 0
     assert precomputed_mismatch(config(inputs["model"], data), "train") is None
