@@ -139,6 +139,44 @@ def test_eval_micro_batches_cover_every_pair_once_with_weight_zero_padding() -> 
     assert per_rank[0][2] == ([8, 9], [1.0, 1.0]) and per_rank[1][2] == ([0, 0], [0.0, 0.0])
 
 
+# ------------------------------------------------------------------------------------------- the shipped configs
+
+# Every shipped accelerate config and the test that launches it.
+LAUNCHED_BY = {
+    "single": "the single-process baseline",
+    "ddp": "test_two_processes_reproduce_the_single_process_run[ddp]",
+    "zero1": "test_two_processes_reproduce_the_single_process_run[zero1]",
+    "zero2": "test_two_processes_reproduce_the_single_process_run[zero2]",
+    "zero3": "test_two_processes_reproduce_the_single_process_run[zero3] and the ZeRO-3 tests",
+    "zero3_offload": "test_two_processes_reproduce_the_single_process_run[zero3_offload]",
+    "multi_node_zero3": "test_two_simulated_nodes_reproduce_the_single_process_run",
+}
+
+
+def test_every_shipped_config_is_launched_and_leaves_batch_settings_to_the_recipe() -> None:
+    import yaml
+
+    shipped = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "accelerate_configs").glob("*.yaml")}
+    assert sorted(shipped) == sorted(LAUNCHED_BY)
+    used_json = set()
+    for name, config in shipped.items():
+        if config["distributed_type"] != "DEEPSPEED":
+            continue
+        json_path = REPO / config["deepspeed_config"]["deepspeed_config_file"]
+        used_json.add(json_path.name)
+        ds = json.loads(json_path.read_text())
+        for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                    "gradient_clipping"):
+            assert ds[key] == "auto", (json_path.name, key)  # one place for each setting: the recipe
+        assert ds["bf16"]["enabled"] == ds["fp16"]["enabled"] == "auto"
+        if ds["zero_optimization"]["stage"] == 3:
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert used_json == {p.name for p in (REPO / "ds_configs").glob("*.json")}  # no JSON that nothing uses
+    offload = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())["zero_optimization"]
+    assert offload["offload_optimizer"]["device"] == offload["offload_param"]["device"] == "cpu"
+    assert shipped["multi_node_zero3"]["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+
+
 # ------------------------------------------------------------------------------------------- shared runs
 
 
@@ -272,26 +310,40 @@ def test_zero3_lora_saves_only_an_adapter_that_reloads(runs: Runs) -> None:
 
 @pytest.mark.distributed
 def test_two_simulated_nodes_reproduce_the_single_process_run(runs: Runs) -> None:
-    """multi_node_zero3.yaml, one launcher per "node" (both on this machine), 1 process each."""
+    """multi_node_zero3.yaml through `./launch.sh train` as examples/slurm_multi_node.sbatch starts it: one launcher
+    per "node" (both on this machine, 1 process each), the multi-node settings in the environment."""
     out = runs.root / "two_nodes"
-    port = free_port()
-    cmds = [launch_cmd("multi_node_zero3", runs.args(out, "--batch_size", "2"), num_processes=2, port=free_port(),
-                       extra=["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                              "--main_process_port", str(port)])
-            for rank in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for cmd in cmds]
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = launch_env()
+        env.update(PYTHON=sys.executable, NUM_MACHINES="2", MACHINE_RANK=str(rank), MAIN_PROCESS_IP="127.0.0.1",
+                   MAIN_PROCESS_PORT=port, NUM_PROCESSES="2")
+        cmd = ["./launch.sh", "train", "--accelerate_config", "accelerate_configs/multi_node_zero3.yaml",
+               *runs.args(out, "--batch_size", "2")]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
     outputs = []
     try:
         for proc in procs:
             outputs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        outputs.append(f"timed out after {LAUNCH_TIMEOUT_S}s")
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     assert all(p.returncode == 0 for p in procs), "\n\n".join(o[-6000:] for o in outputs)
-    assert "2 processes" in outputs[0]  # the global batch line: 2 per device x 1 accumulation x 2 processes
+    assert "global batch 4 = 2 per device x 1 accumulation x 2 processes" in outputs[0]
     assert_same_trajectory(out, runs.single())
+
+
+def test_slurm_example_is_valid_bash_and_uses_the_multi_node_config() -> None:
+    script = REPO / "examples" / "slurm_multi_node.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "accelerate_configs/multi_node_zero3.yaml" in text and "./launch.sh train" in text
+    assert (REPO / "accelerate_configs" / "multi_node_zero3.yaml").is_file()
 
 
 # ------------------------------------------------------------------------------------------- the reference
@@ -364,10 +416,10 @@ def test_zero3_frozen_reference_is_sharded_and_never_gathered_whole(runs: Runs) 
     data = load_split(runs.data, "eval")
     got = {int(i): v for report in reports for i, v in report["logps"].items()}
     assert sorted(got) == list(range(len(data)))
-    with torch.no_grad():
-        for i in range(len(data)):
-            want = sequence_logps(plain, collate_padded([data[i]], pad_token_id=0))
-            assert got[i] == pytest.approx([want.chosen_logps.item(), want.rejected_logps.item()], abs=1e-4)
+    with torch.no_grad():  # all pairs in one padded batch of a plain model: another batching, the same function
+        want = sequence_logps(plain, collate_padded(list(data), pad_token_id=0))
+    for i in range(len(data)):
+        assert got[i] == pytest.approx([want.chosen_logps[i].item(), want.rejected_logps[i].item()], abs=1e-4)
 
 
 @pytest.mark.distributed
@@ -386,8 +438,7 @@ def test_precompute_ref_on_two_zero3_processes_stores_every_pair_once(runs: Runs
     for split in ("train", "eval"):
         ds = load_split(data, split)
         assert ds["prompt_ids"] == load_split(runs.data, split)["prompt_ids"]  # same pairs, same order
-        with torch.no_grad():
-            for i in range(len(ds)):
-                want = sequence_logps(plain, collate_padded([ds[i]], pad_token_id=0))
-                got = [ds[i]["ref_chosen_logps"], ds[i]["ref_rejected_logps"]]
-                assert got == pytest.approx([want.chosen_logps.item(), want.rejected_logps.item()], abs=1e-4)
+        with torch.no_grad():  # all pairs in one padded batch of a plain model
+            want = sequence_logps(plain, collate_padded(list(ds), pad_token_id=0))
+        assert ds["ref_chosen_logps"] == pytest.approx(want.chosen_logps.tolist(), abs=1e-4)
+        assert ds["ref_rejected_logps"] == pytest.approx(want.rejected_logps.tolist(), abs=1e-4)
