@@ -4,7 +4,10 @@
 
 Builds a byte-level BPE (8k vocabulary) on synthetic text, writes `--pairs` explicit records as JSON Lines and
 measures, single-threaded (TOKENIZERS_PARALLELISM=false):
-  tokenize   the tokenize stage alone (render, batched encode, boundary, EOS/BOS, truncation)
+  tokenize   the tokenize stage alone (render, batched encode, boundary, EOS/BOS, truncation), with the exact
+             fast path of `data_prep.fastpath` (what data prep uses for this tokenizer)
+  tokenize/full  the same with `PairTokenizer(fast=False)`: every text encoded whole by the Rust tokenizer
+             (the rule before the fast path; the outputs are checked equal)
   end2end    `python -m data_prep` in-process: read JSON, tokenize, write Arrow shards, report, hashes
   end2end/2  the same with --num_proc 2
 "pairs/s/core" divides by the CPU seconds used (this process and its children), so it does not depend on
@@ -99,9 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_inputs([str(data)], shape=None, skips=SkipLog()).pairs
         pair_tokenizer = PairTokenizer(tokenizer, max_length=1024, max_prompt_length=512)
         tokenized = tokenize_pairs(pairs[:1000], pair_tokenizer, skips=SkipLog())  # warm-up
+        full_tokenizer = PairTokenizer(tokenizer, max_length=1024, max_prompt_length=512, fast=False)
+        assert pair_tokenizer.fast_encoder is not None, "the fast path should apply to a plain byte-level BPE"
+        tokenize_pairs(pairs[:1000], full_tokenizer, skips=SkipLog())  # warm-up
+        outputs: dict[str, list] = {}
         results = [
-            measure("tokenize", len(pairs), lambda: tokenize_pairs(pairs, pair_tokenizer, skips=SkipLog())),
+            measure(
+                label,
+                len(pairs),
+                lambda: outputs.__setitem__(label, tokenize_pairs(pairs, which, skips=SkipLog())),
+            )
+            for label, which in (("tokenize", pair_tokenizer), ("tokenize/full", full_tokenizer))
         ]
+        assert outputs["tokenize"] == outputs["tokenize/full"], "the fast path changed the output"
         tokenized = tokenize_pairs(pairs[:2000], pair_tokenizer, skips=SkipLog())
         tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized)
         base = ["--input", str(data), "--tokenizer", str(root / "tokenizer"), "--num_shards", "4"]
@@ -116,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     print(f"\n{summary['tokens_per_pair']} tokens per pair (prompt + chosen + rejected), vocab {len(tokenizer)}")
-    print(f"{'stage':<10} {'pairs':>7} {'wall s':>8} {'cpu s':>8} {'pairs/s':>9} {'pairs/s/core':>13}")
+    print(f"{'stage':<14} {'pairs':>7} {'wall s':>8} {'cpu s':>8} {'pairs/s':>9} {'pairs/s/core':>13}")
     for row in results:
         print(
-            f"{row['stage']:<10} {row['pairs']:>7} {row['wall_s']:>8} {row['cpu_s']:>8} "
+            f"{row['stage']:<14} {row['pairs']:>7} {row['wall_s']:>8} {row['cpu_s']:>8} "
             f"{row['pairs_per_s']:>9} {row['pairs_per_s_per_core']:>13}"
         )
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
