@@ -241,14 +241,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 accumulator.add(out.values, batch.pair_weight, batch.num_tokens)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+                    grad_norm_reported = grad_norm is not None
                     lr = scheduler.get_last_lr()[0]
                     step_metrics = accumulator.reduce(accelerator)
-                    grad_norm = float(grad_norm) if grad_norm is not None else math.nan  # DeepSpeed: after step
+                    grad_norm = math.nan if grad_norm is None else float(grad_norm)  # NaN in the log: not reported
                     if not math.isfinite(step_metrics["loss"]) or math.isinf(grad_norm) or (
-                            math.isnan(grad_norm) and grad_norm_known(accelerator)):
+                            math.isnan(grad_norm) and grad_norm_reported):
                         raise TrainingDiverged(
                             f"non-finite loss ({step_metrics['loss']}) or gradient norm ({grad_norm}) at step "
-                            f"{state.step + 1}; the optimizer step was not taken. Lower the learning rate or beta, "
+                            f"{state.step + 1}; {step_not_applied(accelerator)}. Lower the learning rate or beta, "
                             f"check the data, and resume from the last checkpoint in {out_dir}.")
                     optimizer.step()
                     scheduler.step()
@@ -285,11 +286,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
 
 
-def grad_norm_known(accelerator: Any) -> bool:
-    """DeepSpeed computes the gradient norm inside its step, so before the step it is unknown (NaN)."""
+def step_not_applied(accelerator: Any) -> str:
+    """What became of the diverged step: DeepSpeed runs its optimizer step inside backward, before this check."""
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type != DistributedType.DEEPSPEED
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "DeepSpeed had already applied this step, so the weights in memory are suspect (nothing was saved)"
+    return "the optimizer step was not taken"
 
 
 def update_early_stopping(state: ckpt.TrainerState, metrics: dict[str, float], cfg: TrainConfig, log: Any) -> None:
