@@ -65,8 +65,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42
     # --- layout and precision
-    layout: str = "padded"  # padded | packed (padding-free rows with per-sequence position ids)
-    prefix_sharing: bool = False  # one [prompt | chosen | rejected] sequence per pair
+    layout: str = "packed"  # padded | packed (padding-free rows; exact, see tests/test_layouts.py)
+    prefix_sharing: bool = True  # one [prompt | chosen | rejected] sequence per pair, prompt computed once
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
     logits_chunk_size: int = 1024  # positions per chunk when taking log-probs of labels
     mixed_precision: str = "no"  # no | bf16 | fp16
