@@ -53,11 +53,11 @@ class Row:
 
 
 def plan_rows(*, full_grid: bool, vs_trl: bool, bf16: bool, row_bounds: list[int]) -> list[Row]:
-    """Layouts under the frozen-copy reference, then the other strategies under the fastest layout (or the whole
-    grid), then bf16 autocast of the fastest exact configuration, then TRL."""
+    """TRL, then layouts under the frozen-copy reference, then the other strategies under the fastest layout (or
+    the whole grid), then bf16 autocast of the fastest exact configuration."""
     layouts = [("padded", "padded", False), ("packed", "packed", False), ("prefix_shared", "packed", True)]
     references = ["model", "adapters_disabled", "precomputed"]
-    rows = []
+    rows = [Row(name="trl/model", engine="trl")] if vs_trl else []  # first: the baseline every ratio divides by
     for reference in references:
         for label, layout, shared in layouts:
             if full_grid or reference == "model" or label == "prefix_shared":
@@ -70,8 +70,6 @@ def plan_rows(*, full_grid: bool, vs_trl: bool, bf16: bool, row_bounds: list[int
                         max_tokens_per_row=bound))
     if bf16:
         rows.append(Row(name="prefix_shared/model/bf16", layout="packed", prefix_sharing=True, precision="bf16"))
-    if vs_trl:
-        rows.append(Row(name="trl/model", engine="trl"))
     return rows
 
 
@@ -231,11 +229,18 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def summarize(step_times: list[float], step_tokens: list[int], *, batch_size: int) -> dict[str, float]:
+def summarize(step_times: list[float], step_tokens: list[int], *, batch_size: int,
+              step_cpu: list[float] | None = None) -> dict[str, Any]:
+    """Medians over the measured steps. `step_cpu` (process CPU seconds, all threads) gives useful tokens per
+    CPU-second too: on a machine shared with other jobs wall time stretches with the load, CPU time much less."""
     rates = [n / t for n, t in zip(step_tokens, step_times)]
     median = statistics.median(step_times)
-    return {"median_step_s": median, "useful_tokens_per_s": statistics.median(rates),
-            "pairs_per_s": batch_size / median, "step_times_s": step_times}
+    out: dict[str, Any] = {"median_step_s": median, "useful_tokens_per_s": statistics.median(rates),
+                           "pairs_per_s": batch_size / median, "step_times_s": step_times}
+    if step_cpu:
+        out["step_cpu_s"] = step_cpu
+        out["useful_tokens_per_cpu_s"] = statistics.median([n / t for n, t in zip(step_tokens, step_cpu)])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- our rows
@@ -288,10 +293,10 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
             "max_abs_per_token": float((errors.abs() / lengths).max()),
             "max_rel_sequence_sum": float((errors.abs() / sums).max()),
         }
-    step_times, step_tokens, computed = [], [], []
+    step_times, step_cpu, step_tokens, computed = [], [], [], []
     for k, pairs_k in enumerate(batches):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         batch = collate(pairs_k, None).to(device)
         out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped)
         accelerator.backward(out.loss)
@@ -301,9 +306,11 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         _sync(device)
         if k >= args.warmup:
             step_times.append(time.perf_counter() - start)
+            step_cpu.append(time.process_time() - start_cpu)
             step_tokens.append(batch.num_tokens)
             computed.append(batch.input_ids.numel())
-    result.update(summarize(step_times, step_tokens, batch_size=args.batch_size))
+    result.update(summarize(step_times, step_tokens, batch_size=args.batch_size,
+                            step_cpu=step_cpu if device == "cpu" else None))
     result["computed_tokens_per_step"] = statistics.mean(computed)
     result["useful_tokens_per_step"] = statistics.mean(step_tokens)
     result["peak_memory_mb"] = peak_memory_mb(device)
@@ -333,14 +340,16 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     class Timer(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
             _sync(device)
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             _sync(device)
             self.times.append(time.perf_counter() - self.start)
+            self.cpu.append(time.process_time() - self.start_cpu)
 
     class InOrder(DPOTrainer):  # the same batches in the same order as our rows
         def _get_train_sampler(self, *a: Any, **k: Any) -> SequentialSampler:
@@ -366,7 +375,8 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     tokens = [sum(2 * len(pairs[i]["prompt_ids"]) + len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"])
                   for i in order[k * args.batch_size:(k + 1) * args.batch_size]) for k in range(count)]
     measured = timer.times[args.warmup:]
-    result = summarize(measured, tokens[args.warmup:], batch_size=args.batch_size)
+    result = summarize(measured, tokens[args.warmup:], batch_size=args.batch_size,
+                       step_cpu=timer.cpu[args.warmup:] if device == "cpu" else None)
 
     def padded_width(pair: dict[str, Any]) -> int:
         return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
@@ -407,7 +417,7 @@ def run_row_in_subprocess(row: Row, args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'row':<34} {'step s':>7} {'useful tok/s':>12} {'pairs/s':>8} {'peak MB':>8} {'MFU':>6} "
-            f"{'tok/s vs TRL':>12} {'mem vs TRL':>10}")
+            f"{'tok/s vs TRL':>12} {'tok/CPU-s':>9} {'vs TRL':>7} {'mem vs TRL':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -415,9 +425,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         vs = f"{r['speedup_vs_trl']:.2f}x" if r.get("speedup_vs_trl") else "-"
         mem = f"{r['memory_vs_trl']:.2f}x" if r.get("memory_vs_trl") else "-"
+        per_cpu = f"{r['useful_tokens_per_cpu_s']:.0f}" if "useful_tokens_per_cpu_s" in r else "-"
+        cpu_vs = f"{r['cpu_speedup_vs_trl']:.2f}x" if r.get("cpu_speedup_vs_trl") else "-"
         lines.append(f"{r['name']:<34} {r['median_step_s']:>7.2f} {r['useful_tokens_per_s']:>12.0f} "
                      f"{r['pairs_per_s']:>8.2f} {r['peak_memory_mb']:>8.0f} {100 * r['mfu']:>5.1f}% {vs:>12} "
-                     f"{mem:>10}")
+                     f"{per_cpu:>9} {cpu_vs:>7} {mem:>10}")
     return "\n".join(lines)
 
 
@@ -526,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if trl_row is not None and "error" not in r and r["engine"] == "dpo":
             r["speedup_vs_trl"] = r["useful_tokens_per_s"] / trl_row["useful_tokens_per_s"]
+            if "useful_tokens_per_cpu_s" in r and "useful_tokens_per_cpu_s" in trl_row:
+                r["cpu_speedup_vs_trl"] = r["useful_tokens_per_cpu_s"] / trl_row["useful_tokens_per_cpu_s"]
             r["memory_vs_trl"] = r["peak_memory_mb"] / trl_row["peak_memory_mb"]
     report = {
         "command": "python -m dpo.bench " + " ".join(sys.argv[1:] if argv is None else argv),

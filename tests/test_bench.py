@@ -87,4 +87,4 @@ def test_plan_covers_layouts_and_strategies():
     for layout in ("padded", "packed", "prefix_shared"):
         for reference in ("model", "adapters_disabled", "precomputed"):
             assert f"{layout}/{reference}" in names
-    assert names[-1] == "trl/model" and "prefix_shared/model/bf16" in names and "prefix_shared@2048/model" in names
+    assert names[0] == "trl/model" and "prefix_shared/model/bf16" in names and "prefix_shared@2048/model" in names
