@@ -69,6 +69,15 @@ def test_write_dataset_jsonl(tmp_path):
 # ----------------------------------------------------------------------------------- warm-up and evaluation
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As the demo runs: one thread. With two on a busy 2-core machine a warm-up step measured 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     records, _ = synthetic.make_splits(num_train=64, num_eval=0, seed=0)
