@@ -1,6 +1,6 @@
 """Time `./launch.sh demo` end to end (target: under 5 minutes on 2 CPU cores) and record what it reached.
 
-    python benchmarks/bench_demo.py [--seeds 0 1 2] [--quick] [--output bench_demo.json]
+    python benchmarks/bench_demo.py [--seeds 0 1 2] [--quick] [--output bench_results/bench_demo.json]
 
 Each seed is one full run in a fresh output dir, one after another. Reports wall-clock seconds and the CPU seconds
 of the whole process tree (user + system; on a machine shared with other work the wall clock overstates the cost,
@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_demo.py", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full demo run per seed")
     parser.add_argument("--quick", action="store_true", help="time the reduced demo instead")
-    parser.add_argument("--output", default="bench_demo.json", help="where the JSON results go")
+    parser.add_argument("--output", default="bench_results/bench_demo.json", help="where the JSON results go")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
         rows = [run_once(seed, quick=args.quick, workdir=Path(tmp)) for seed in args.seeds]
     print(format_table(rows))
     result = {"command": "./launch.sh demo" + (" --quick" if args.quick else ""), "cpu_count": os.cpu_count(),
               "machine": platform.platform(), "python": sys.version.split()[0], "runs": rows}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")
     return 0
