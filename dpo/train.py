@@ -9,8 +9,10 @@ The loss is Eq. 7 of Rafailov et al. (2023) by default, -log σ(β[(log πθ(yw|
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -116,11 +118,15 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         tmp = out / ".tmp-final"
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        if cfg.lora and cfg.lora_adapter_path:
+            # This adapter sits on base + SFT adapter; peft's adapter_config only names the bare base, so record
+            # the real base beside it (PeftModel.from_pretrained(bare base, final/) would be another model).
+            (tmp / "dpo_base.json").write_text(json.dumps({
+                "model_path": cfg.model_path, "merged_sft_adapter": cfg.lora_adapter_path,
+                "load_with": "dpo.lora.load_trained_adapter(cfg, 'final') or --merge_lora (final_merged/)"}, indent=2))
         atomic_replace_dir(tmp, out / "final")
         if cfg.lora and cfg.merge_lora:
             from dpo.lora import merge_adapter_into_base

@@ -4,6 +4,7 @@ forward time, unmerged, on an independently loaded base."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,9 @@ def test_starting_from_an_sft_adapter_merges_base_plus_sft_plus_dpo_adapter(inpu
     # The DPO adapter on the bare base is another model: final/ needs the SFT-merged base (load_trained_adapter).
     bare = logits(PeftModel.from_pretrained(load_causal_lm(inputs["model"]), str(final)), ids)
     assert (bare - expected).abs().max() > 1e-2
+    # ... which final/ itself records, since peft's adapter_config names only the bare base
+    note = json.loads((final / "dpo_base.json").read_text())
+    assert note["model_path"] == inputs["model"] and note["merged_sft_adapter"] == inputs["sft"]
 
 
 def test_lora_recipe_defaults(inputs):
