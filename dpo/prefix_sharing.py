@@ -16,8 +16,9 @@ own answer's first token. Every scored position therefore has the same inputs, p
 in the padded layout: the layout is exact (up to float summation order), and it costs P + C + R + 1 tokens per
 pair instead of 2P + C + R.
 
-Pairs are packed first-fit decreasing into rows of at most `max_tokens_per_row` tokens (one pair per row when
-`packed=False`). The mask is dense (quadratic in the row length with sdpa on CPU), so rows stay bounded.
+Pairs are packed first-fit decreasing into rows of at most min(`max_tokens_per_row`, longest pair) tokens (one
+pair per row when `packed=False`). The mask is dense (attention is quadratic in the row length with sdpa), so rows
+never grow wider than the unpacked layout's would be.
 Padding positions attend only to themselves (so no softmax row is empty) and are never attended or scored.
 """
 
@@ -77,7 +78,11 @@ def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max
             raise ValueError(f"pair {i}: an empty prompt cannot be shared (the last prompt token predicts the "
                              f"first answer token)")
     lengths = [shared_length(p) for p in pairs]
-    rows = _pack_rows(lengths, max_tokens_per_row=max_tokens_per_row, packed=packed)
+    # Rows no wider than the longest pair: the dense mask makes attention quadratic in the row length, so wider
+    # rows only add attention work, while first-fit packing up to that width already removes most of the padding.
+    # On the benchmark (2 CPU cores) rows of ~600 tokens ran 1.3x faster than rows of 1024 and 1.6x than 2048.
+    bound = min(max_tokens_per_row, max(lengths))
+    rows = _pack_rows(lengths, max_tokens_per_row=bound, packed=packed)
     width = max(sum(lengths[i] for i in members) for members in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)

@@ -28,7 +28,7 @@ VOCAB = 64
 LAYOUTS = {
     "packed": ("packed", False, 48),
     "shared_packed": ("packed", True, 48),
-    "shared_one_row": ("packed", True, 4096),
+    "shared_wide_bound": ("packed", True, 4096),  # rows then stop at the longest pair
     "shared_unpacked": ("padded", True, 48),
 }
 
@@ -118,6 +118,16 @@ def test_collate_prefix_shared_packs_rows_and_isolates_pairs():
     allowed = batch.attention_mask[:, 0] == 0
     assert bool(allowed.diagonal(dim1=-2, dim2=-1).all())  # no empty softmax row, padding included
     assert set(batch.attention_mask.unique().tolist()) == {0.0, float("-inf")}
+
+
+def test_collate_prefix_shared_rows_are_no_wider_than_the_longest_pair():
+    pairs = make_pairs()
+    batch = collate_prefix_shared(pairs, pad_token_id=0, max_tokens_per_row=4096)
+    longest = max(shared_length(p) for p in pairs)
+    assert batch.input_ids.shape[1] == longest  # the 51-token pair fills a row alone
+    assert (batch.input_ids != 0).sum().item() == sum(shared_length(p) for p in pairs)
+    # first-fit decreasing fills the remaining rows: fewer rows than pairs, so less padding than unpacked
+    assert batch.input_ids.shape[0] < len(pairs)
 
 
 def test_collate_prefix_shared_unpacked_is_one_pair_per_row():
