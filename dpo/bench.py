@@ -460,8 +460,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=512, help="bound on prompt + answer tokens of a pair")
-    parser.add_argument("--max-tokens-per-row", type=int, default=1024,
-                        help="packed layouts: tokens per row (the dense mask makes attention quadratic in it)")
+    parser.add_argument("--max-tokens-per-row", type=int, default=2048,
+                        help="packed layouts: bound on a row's tokens (the trainer's default; prefix-shared rows "
+                             "also stop at the longest pair)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the text, tokenizer, model and pairs")
     parser.add_argument("--full-grid", action="store_true",
                         help="every layout x every reference strategy (default: layouts under the frozen copy, "
