@@ -545,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
             flops = nominal_flops_per_token(row, meta["parameters"]) * result["useful_tokens_per_s"]
             result["model_tflops_per_s"] = flops / 1e12
             result["mfu"] = flops / (peaks[row.precision] * 1e9)
+            # The same count over the tokens the layout computes (padding included, a shared prompt once): the
+            # utilisation of the work actually done. MFU above 100% means the layout skips nominal work.
+            computed = nominal_flops_per_token(row, meta["parameters"]) * result["computed_tokens_per_step"]
+            result["hfu"] = computed / result["median_step_s"] / (peaks[row.precision] * 1e9)
     trl_row = next((r for r in results if r["engine"] == "trl" and "error" not in r), None)
     for r in results:
         if trl_row is not None and "error" not in r and r["engine"] == "dpo":
