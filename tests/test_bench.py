@@ -26,6 +26,15 @@ TINY = ["--hidden-size", "32", "--num-layers", "2", "--vocab-size", "400", "--ma
         "--steps", "2", "--warmup", "1", "--max-tokens-per-row", "128"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fresh_accelerate_state():
+    """Accelerate's state is process-global: leave none behind for the next module's Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bench")

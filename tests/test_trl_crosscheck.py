@@ -29,6 +29,15 @@ RECORDS = [  # text pairs; TRL tokenizes them, and its token ids become ours
 BETA = 0.25
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fresh_accelerate_state():
+    """Accelerate's state is process-global: leave none behind for the next module's Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_model(tokenizer, seed: int) -> torch.nn.Module:
     return build_model(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, seed=seed,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
