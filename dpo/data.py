@@ -211,15 +211,18 @@ def collate_padded(pairs: list[dict[str, Any]], *, pad_token_id: int, weights: l
 
 def collate_packed(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens_per_row: int,
                    weights: list[float] | None = None) -> PreferenceBatch:
-    """The 2B sequences packed first-fit into rows of at most `max_tokens_per_row` tokens, no attention mask.
+    """The 2B sequences packed first-fit decreasing into rows of at most `max_tokens_per_row` tokens, no mask.
 
     Position ids restart at 0 for each sequence, which is how transformers recognises packed sequences and builds
     a block-diagonal causal mask (only when no 2D mask and no KV cache are given: always pass use_cache=False).
-    A sequence longer than the bound gets a row of its own. Rows are right-padded to the longest row; padding
-    continues the last sequence's positions, so it is attended only by itself and never scored.
+    Rows are never wider than the longest sequence: on CPU the block-diagonal mask is dense, so attention costs
+    rows x width², and wider rows only add masked-out work (the padded layout's width is the floor). Rows are
+    right-padded to the longest row; padding continues the last sequence's positions, so it is attended only by
+    itself and never scored.
     """
     weights = weights if weights is not None else [1.0] * len(pairs)
     seqs, prompt_lens = _sequences(pairs)
+    max_tokens_per_row = min(max_tokens_per_row, max(len(s) for s in seqs))
     rows: list[list[int]] = []  # sequence indices per row
     row_len: list[int] = []
     for s in sorted(range(len(seqs)), key=lambda k: -len(seqs[k])):  # first-fit decreasing

@@ -33,12 +33,15 @@ def test_collate_padded_orders_chosen_then_rejected():
 
 
 def test_collate_packed_layout():
-    batch = collate_packed([PAIR], pad_token_id=0, max_tokens_per_row=64)
-    # one row: chosen [5,6,7,2] then rejected [5,6,8,9,2], positions restarting at 0
-    assert batch.input_ids.tolist() == [[5, 6, 7, 2, 5, 6, 8, 9, 2]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
-    assert batch.target_seq.tolist() == [[-1, 0, 0, -1, -1, 1, 1, 1, -1]]
-    assert batch.target_ids.tolist() == [[6, 7, 2, 0, 6, 8, 9, 2, 0]]  # no target crosses a sequence end
+    short = {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [4, 2]}
+    batch = collate_packed([PAIR, short], pad_token_id=0, max_tokens_per_row=64)
+    # sequences: chosen0 [5,6,7,2] (4), chosen1 [1,2] (2), rejected0 [5,6,8,9,2] (5), rejected1 [1,4,2] (3).
+    # Rows are capped at the longest sequence (5); first-fit decreasing: [rejected0], [chosen0], [rejected1+chosen1]
+    # -> the two short sequences share a row, in sequence order (chosen1 = sequence 1, then rejected1 = sequence 3).
+    assert batch.input_ids.tolist() == [[5, 6, 8, 9, 2], [5, 6, 7, 2, 0], [1, 2, 1, 4, 2]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
+    assert batch.target_seq.tolist() == [[-1, 2, 2, 2, -1], [-1, 0, 0, -1, -1], [1, -1, 3, 3, -1]]
+    assert batch.target_ids.tolist() == [[6, 8, 9, 2, 0], [6, 7, 2, 0, 0], [2, 0, 4, 2, 0]]  # none crosses a sequence
     assert batch.attention_mask is None
 
 
