@@ -50,6 +50,8 @@ COVERAGE: dict[str, str] = {
     "--model_path /shared/models/sft --data_path /shared/data/prepped --output_dir /shared/runs/dpo": "multi_node",
     "sbatch examples/slurm_multi_node.sbatch --config recipes/full_small.yaml --model_path /shared/models/sft "
     "--data_path /shared/data/prepped --output_dir /shared/runs/dpo": "slurm",
+    "./launch.sh bench --vs-trl": "bench",
+    "python benchmarks/bench_prep.py --pairs 20000 --json bench_results/bench_prep.json": "bench",
 }
 # Training commands, reduced: two optimizer steps of two pairs, no intermediate evaluation or checkpoint.
 REDUCED_TRAINING = " --max_steps 2 --batch_size 2 --gradient_accumulation_steps 1 --eval_steps 0 --save_steps 0 " \
@@ -279,3 +281,26 @@ def test_slurm_sbatch(workspace, tmp_path):
     done = workspace.run(workspace.substitute(command) + REDUCED_TRAINING, env=env)
     assert "2 per device x 1 accumulation x 2 processes" in done.stdout + done.stderr
     assert_trained(workspace.runs / "shared_dpo")
+
+
+def test_benchmarks(workspace, tmp_path):
+    """Reduced: a tiny model and workload instead of the 28M-parameter one, three rows, 300 pairs instead of
+    20,000. Without trl (the `bench` extra) the TRL row is left out rather than the command skipped."""
+    bench_cmd, prep_cmd = group_commands("bench")
+    tiny = ("--hidden-size 32 --num-layers 2 --vocab-size 400 --max-length 64 --batch-size 4 --steps 1 --warmup 1 "
+            f"--max-tokens-per-row 128 --no-bf16 --workdir {tmp_path / 'work'} --output {tmp_path / 'bench.json'} "
+            "--rows trl/model,padded/model,prefix_shared/model")  # one process per row: keep two of ours
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        bench_cmd = bench_cmd.replace(" --vs-trl", "")
+    done = workspace.run(f"{bench_cmd} {tiny}")
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert any(n.startswith("prefix_shared") for n in names) and any(n.startswith("padded") for n in names)
+    assert ("trl" in " ".join(names).lower()) == ("--vs-trl" in bench_cmd)
+    assert "tokens/s" in done.stdout or "tok/s" in done.stdout
+    prep_json = tmp_path / "bench_prep.json"
+    workspace.run(prep_cmd.replace("--pairs 20000", "--pairs 300 --vocab_size 500")
+                  .replace("bench_results/bench_prep.json", str(prep_json)))
+    assert json.loads(prep_json.read_text())
