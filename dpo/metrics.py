@@ -32,6 +32,7 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=self.device)
+        self.absent: set[str] = set()  # metrics this run cannot measure (kl without a reference): not logged
 
     def add(self, values: dict[str, torch.Tensor | None], weight: torch.Tensor, num_tokens: int) -> None:
         """`values[name]` is a [B] tensor of per-pair values (None for kl without a reference)."""
@@ -39,6 +40,8 @@ class MetricAccumulator:
         parts = []
         for name in PAIR_METRICS:
             v = values.get(name)
+            if v is None:
+                self.absent.add(name)
             parts.append(torch.zeros((), dtype=torch.float64, device=self.sums.device) if v is None
                          else (v.detach().to(torch.float64) * weight).sum())
         parts.append(weight.sum())
@@ -51,7 +54,8 @@ class MetricAccumulator:
             else self.sums
         values = totals.tolist()
         pairs, tokens = values[-2], values[-1]
-        out = {name: (values[i] / pairs if pairs else math.nan) for i, name in enumerate(PAIR_METRICS)}
+        out = {name: (values[i] / pairs if pairs else math.nan) for i, name in enumerate(PAIR_METRICS)
+               if name not in self.absent}
         out["num_pairs"] = pairs
         out["num_tokens"] = tokens
         self.reset()
