@@ -266,10 +266,4 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def field_help() -> dict[str, str]:
-    """Flag name -> default, for --help."""
-    return {f.name: repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            for f in dataclasses.fields(TrainConfig)}
-
-
-__all__ = ["ConfigError", "TrainConfig", "load_config", "save_config", "config_to_dict", "field_help"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "save_config", "config_to_dict"]

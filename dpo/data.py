@@ -8,7 +8,6 @@ predict. Per-sequence log-probs are then a scatter-add over positions, whatever 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -68,13 +67,6 @@ class PreferenceBatch:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-def read_prep_report(data_path: str | Path) -> dict[str, Any]:
-    path = Path(data_path) / "prep_report.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {data_path} an output dir of `python -m data_prep`?")
-    return json.loads(path.read_text())
 
 
 def load_split(data_path: str | Path, split: str) -> datasets.Dataset | None:

@@ -49,12 +49,6 @@ def build_accelerator(*, mixed_precision: str, gradient_accumulation_steps: int,
     return accelerator
 
 
-def zero_stage(accelerator: Accelerator) -> int:
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-
-
 def _resolve_auto(ds_config: dict[str, Any], model: torch.nn.Module, accelerator: Accelerator) -> dict[str, Any]:
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     zero = ds_config.setdefault("zero_optimization", {})

@@ -247,13 +247,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 accelerator.backward(out.loss)
                 accumulator.add(out.values, batch.pair_weight, batch.num_tokens)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-                    grad_norm_reported = grad_norm is not None
+                    norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+                    grad_norm = math.nan if norm is None else float(norm)  # NaN in the log: not reported
                     lr = scheduler.get_last_lr()[0]
                     step_metrics = accumulator.reduce(accelerator)
-                    grad_norm = math.nan if grad_norm is None else float(grad_norm)  # NaN in the log: not reported
-                    if not math.isfinite(step_metrics["loss"]) or math.isinf(grad_norm) or (
-                            math.isnan(grad_norm) and grad_norm_reported):
+                    if not math.isfinite(step_metrics["loss"]) or (norm is not None and not math.isfinite(grad_norm)):
                         raise TrainingDiverged(
                             f"non-finite loss ({step_metrics['loss']}) or gradient norm ({grad_norm}) at step "
                             f"{state.step + 1}; {step_not_applied(accelerator)}. Lower the learning rate or beta, "
