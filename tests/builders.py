@@ -58,3 +58,17 @@ def make_data_dir(path: Path, tokenizer, *, n_train: int = 32, n_eval: int = 12,
               "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
     (path / "prep_report.json").write_text(json.dumps(report))
     return path
+
+
+def accelerator():
+    """A plain one-process Accelerator in fp32 (tests that build a reference outside dpo.train need one)."""
+    from dpo.distributed import build_accelerator
+
+    return build_accelerator(mixed_precision="no", gradient_accumulation_steps=1, max_grad_norm=1.0)
+
+
+def frozen_copy_logps(reference, batch):
+    """The frozen copy's log-probs on the CPU (on a GPU machine the Accelerator places the copy on the GPU)."""
+    device = next(reference.model.parameters()).device
+    chosen, rejected = reference.logps(None, batch.to(device))
+    return chosen.cpu(), rejected.cpu()

@@ -14,10 +14,9 @@ import datasets
 import pytest
 import torch
 
-from builders import make_data_dir, make_model_dir, make_tokenizer
+from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer
 from dpo.config import TrainConfig, load_config
 from dpo.data import REF_COLUMNS, REQUIRED_COLUMNS, collate_packed, collate_padded, load_split
-from dpo.distributed import build_accelerator
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.precompute_ref import (
     FINGERPRINT_FILE,
@@ -57,17 +56,6 @@ def config(model: str, data: str, **overrides) -> TrainConfig:
 
 def copy_of(inputs, key: str, tmp_path: Path) -> str:
     return str(shutil.copytree(inputs[key], tmp_path / key))
-
-
-def accelerator():
-    return build_accelerator(mixed_precision="no", gradient_accumulation_steps=1, max_grad_norm=1.0)
-
-
-def frozen_copy_logps(reference, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen copy's log-probs on the CPU (on a GPU machine the Accelerator places the copy on the GPU)."""
-    device = next(reference.model.parameters()).device
-    chosen, rejected = reference.logps(None, batch.to(device))
-    return chosen.cpu(), rejected.cpu()
 
 
 @pytest.mark.parametrize("average", [False, True])

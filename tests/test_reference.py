@@ -11,10 +11,9 @@ import torch
 from lora_builders import make_sft_adapter
 from peft import PeftModel
 
-from builders import make_data_dir, make_model_dir, make_tokenizer
+from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer
 from dpo.config import TrainConfig, load_config
 from dpo.data import collate_padded, load_split
-from dpo.distributed import build_accelerator
 from dpo.logprobs import sequence_logps
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.models import load_causal_lm, load_policy
@@ -35,17 +34,6 @@ def inputs(tmp_path_factory):
 
 def config(inputs, **overrides) -> TrainConfig:
     return TrainConfig(model_path=inputs["model"], data_path=inputs["data"], **overrides)
-
-
-def accelerator():
-    return build_accelerator(mixed_precision="no", gradient_accumulation_steps=1, max_grad_norm=1.0)
-
-
-def frozen_copy_logps(reference, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen copy's log-probs on the CPU (on a GPU machine the Accelerator places the copy on the GPU)."""
-    device = next(reference.model.parameters()).device
-    chosen, rejected = reference.logps(None, batch.to(device))
-    return chosen.cpu(), rejected.cpu()
 
 
 def perturb_lora(model: torch.nn.Module, *, seed: int) -> None:
