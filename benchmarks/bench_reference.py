@@ -60,8 +60,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from dpo.config import TrainConfig
-    from dpo.data import load_split, make_collate, train_micro_batches
+    from dpo.data import load_split, train_micro_batches
     from dpo.distributed import build_accelerator
+    from dpo.layouts import make_collate
     from dpo.models import load_policy
     from dpo.reference import build_reference
     from dpo.train import build_optimizer, forward_and_loss

@@ -251,7 +251,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     from accelerate import Accelerator
 
     from dpo.config import TrainConfig
-    from dpo.data import make_collate
+    from dpo.layouts import make_collate
     from dpo.logprobs import sequence_logps
     from dpo.models import load_policy
     from dpo.reference import build_reference

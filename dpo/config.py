@@ -65,8 +65,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42
     # --- layout and precision
-    layout: str = "packed"  # padded | packed (padding-free rows; exact, see tests/test_layouts.py)
-    prefix_sharing: bool = True  # one [prompt | chosen | rejected] sequence per pair, prompt computed once
+    layout: str = "auto"  # auto (fastest layout proven exact on this model) | packed | padded; see dpo/layouts.py
+    prefix_sharing: bool | None = None  # one [prompt | chosen | rejected] sequence per pair; None: auto
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
     logits_chunk_size: int = 1024  # positions per chunk when taking log-probs of labels
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -93,7 +93,7 @@ class TrainConfig:
             "reference": ("auto", "model", "adapters_disabled", "precomputed"),
             "lr_scheduler": ("cosine", "linear", "constant"),
             "mixed_precision": ("no", "bf16", "fp16"),
-            "layout": ("padded", "packed"),
+            "layout": ("auto", "padded", "packed"),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:

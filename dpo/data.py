@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import torch
+
+from dpo.masks import PAD, SHARED, AttentionSpec, build_attention_mask
 
 REQUIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -25,8 +27,9 @@ class PreferenceBatch:
 
     input_ids:      [R, T] long, pad positions hold the pad id
     position_ids:   [R, T] long, restart at 0 for each packed sequence
-    attention_mask: [R, T] long (padded layout), or None (packed: the model builds a block-diagonal mask from
-                    position_ids), or [R, 1, T, T] float additive mask (prefix sharing)
+    attention_mask: [R, T] long (padded layout), or for the packed layouts an [R, 1, T, T] float additive mask,
+                    or a mapping {layer type: such a mask} for models with several kinds of attention layers
+                    (`dpo.masks`)
     target_ids:     [R, T] long, the token predicted at each position (0 where unscored)
     target_seq:     [R, T] long, sequence index in [0, 2B) of each scored prediction, -1 elsewhere
     pair_weight:    [B] float, 1 for real pairs, 0 for pairs that only pad the last eval batch
@@ -37,7 +40,7 @@ class PreferenceBatch:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]
     target_ids: torch.Tensor
     target_seq: torch.Tensor
     pair_weight: torch.Tensor
@@ -48,7 +51,9 @@ class PreferenceBatch:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        def move(t: Any) -> Any:
+            if isinstance(t, dict):
+                return {k: move(v) for k, v in t.items()}
             return None if t is None else t.to(device, non_blocking=True)
 
         return PreferenceBatch(
@@ -145,7 +150,7 @@ def eval_micro_batches(
 # ------------------------------------------------------------------------------------------------ collate
 
 
-def _sequences(pairs: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]]:
+def sequences_of(pairs: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]]:
     """Chosen sequences first, then rejected: token lists and their prompt lengths."""
     seqs, prompt_lens = [], []
     for key in ("chosen_ids", "rejected_ids"):
@@ -155,16 +160,35 @@ def _sequences(pairs: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]]
     return seqs, prompt_lens
 
 
-def _ref_logps(pairs: list[dict[str, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def ref_logps_of(pairs: list[dict[str, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The precomputed reference log-probs of the pairs, [B] each, when the data carries them."""
     if all(c in pairs[0] for c in REF_COLUMNS):
         return (torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32),
                 torch.tensor([p["ref_rejected_logps"] for p in pairs], dtype=torch.float32))
     return None, None
 
 
-def _useful_tokens(pairs: list[dict[str, Any]], weights: list[float]) -> int:
+def useful_tokens(pairs: list[dict[str, Any]], weights: list[float]) -> int:
+    """Tokens of prompt+chosen plus prompt+rejected over the real pairs: the same count in every layout."""
     return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
                for p, w in zip(pairs, weights) if w > 0)
+
+
+def pack_first_fit(lengths: list[int], *, bound: int) -> list[list[int]]:
+    """Item indices per row, first-fit decreasing: each item goes into the first row it fits in under `bound`
+    (an item longer than the bound gets a row of its own). Members of a row are returned in index order."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r in range(len(rows)):
+            if used[r] + lengths[i] <= bound:
+                rows[r].append(i)
+                used[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            used.append(lengths[i])
+    return [sorted(members) for members in rows]
 
 
 def collate_padded(pairs: list[dict[str, Any]], *, pad_token_id: int, weights: list[float] | None = None
@@ -177,9 +201,13 @@ def collate_padded(pairs: list[dict[str, Any]], *, pad_token_id: int, weights: l
         target_ids  = [[6, 7, 2, 0, 0], [6, 8, 9, 2, 0]]
         target_seq  = [[-1, 0, 0, -1, -1], [-1, 1, 1, 1, -1]]   # position 1 predicts the first answer token
         attention_mask = [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+    The model builds its own causal mask (windows and chunks included) from the 2D mask: this layout is exact on
+    every causal LM whose real tokens do not depend on later padding, and is the baseline the others are checked
+    against.
     """
     weights = weights if weights is not None else [1.0] * len(pairs)
-    seqs, prompt_lens = _sequences(pairs)
+    seqs, prompt_lens = sequences_of(pairs)
     width = max(len(s) for s in seqs)
     rows = len(seqs)
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
@@ -193,76 +221,54 @@ def collate_padded(pairs: list[dict[str, Any]], *, pad_token_id: int, weights: l
         target_ids[r, : n - 1] = input_ids[r, 1:n]
         target_seq[r, plen - 1: n - 1] = r  # predictions of the answer tokens seq[plen:]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    ref_chosen, ref_rejected = _ref_logps(pairs)
+    ref_chosen, ref_rejected = ref_logps_of(pairs)
     return PreferenceBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, target_ids=target_ids,
         target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=len(pairs),
-        num_tokens=_useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        num_tokens=useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
     )
 
 
 def collate_packed(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens_per_row: int,
-                   weights: list[float] | None = None) -> PreferenceBatch:
-    """The 2B sequences packed first-fit decreasing into rows of at most `max_tokens_per_row` tokens, no mask.
+                   weights: list[float] | None = None, attention: AttentionSpec | None = None) -> PreferenceBatch:
+    """The 2B sequences packed first-fit decreasing into rows of at most `max_tokens_per_row` tokens.
 
-    Position ids restart at 0 for each sequence, which is how transformers recognises packed sequences and builds
-    a block-diagonal causal mask (only when no 2D mask and no KV cache are given: always pass use_cache=False).
-    Rows are never wider than the longest sequence: on CPU the block-diagonal mask is dense, so attention costs
-    rows x width², and wider rows only add masked-out work (the padded layout's width is the floor). Rows are
-    right-padded to the longest row; padding continues the last sequence's positions, so it is attended only by
-    itself and never scored.
+    Position ids restart at 0 for each sequence, and an explicit 4D mask (`dpo.masks`, with the windows and chunks
+    of `attention`) keeps the sequences of a row apart: many models (OPT, BLOOM, MPT, GPT-OSS, XGLM) never pass
+    position ids to their mask builder and would otherwise attend across sequences. Rows are never wider than the
+    longest sequence: the mask is dense on CPU, so attention costs rows x width², and wider rows only add
+    masked-out work. Rows are right-padded to the longest row; padding continues the last sequence's positions,
+    sees only itself and is never scored.
     """
     weights = weights if weights is not None else [1.0] * len(pairs)
-    seqs, prompt_lens = _sequences(pairs)
-    max_tokens_per_row = min(max_tokens_per_row, max(len(s) for s in seqs))
-    rows: list[list[int]] = []  # sequence indices per row
-    row_len: list[int] = []
-    for s in sorted(range(len(seqs)), key=lambda k: -len(seqs[k])):  # first-fit decreasing
-        for r in range(len(rows)):
-            if row_len[r] + len(seqs[s]) <= max_tokens_per_row:
-                rows[r].append(s)
-                row_len[r] += len(seqs[s])
-                break
-        else:
-            rows.append([s])
-            row_len.append(len(seqs[s]))
-    width = max(row_len)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    target_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    target_seq = torch.full((len(rows), width), -1, dtype=torch.long)
+    seqs, prompt_lens = sequences_of(pairs)
+    bound = min(max_tokens_per_row, max(len(s) for s in seqs))
+    rows = pack_first_fit([len(s) for s in seqs], bound=bound)
+    width = max(sum(len(seqs[s]) for s in members) for members in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    target_ids = torch.zeros(shape, dtype=torch.long)
+    target_seq = torch.full(shape, -1, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
     for r, members in enumerate(rows):
         offset = 0
-        for s in sorted(members):
+        for s in members:
             seq, n, plen = seqs[s], len(seqs[s]), prompt_lens[s]
             input_ids[r, offset:offset + n] = torch.tensor(seq)
             position_ids[r, offset:offset + n] = torch.arange(n)
             target_ids[r, offset:offset + n - 1] = input_ids[r, offset + 1:offset + n]
             target_seq[r, offset + plen - 1:offset + n - 1] = s
+            segment[r, offset:offset + n] = s
             offset += n
         if offset < width:  # padding continues the positions of the last sequence
             last = int(position_ids[r, offset - 1])
             position_ids[r, offset:] = torch.arange(last + 1, last + 1 + width - offset)
-    ref_chosen, ref_rejected = _ref_logps(pairs)
+    branch = torch.where(segment >= 0, SHARED, PAD)
+    attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec())
+    ref_chosen, ref_rejected = ref_logps_of(pairs)
     return PreferenceBatch(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=None, target_ids=target_ids,
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, target_ids=target_ids,
         target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=len(pairs),
-        num_tokens=_useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        num_tokens=useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
     )
-
-
-def make_collate(layout: str, *, pad_token_id: int, max_tokens_per_row: int, prefix_sharing: bool = False
-                 ) -> Callable[[list[dict[str, Any]], list[float] | None], PreferenceBatch]:
-    """The collate function of a layout, as `collate(pairs, weights)`."""
-    if prefix_sharing:
-        from dpo.prefix_sharing import collate_prefix_shared
-
-        return lambda pairs, weights=None: collate_prefix_shared(
-            pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, weights=weights,
-            packed=(layout == "packed"))
-    if layout == "padded":
-        return lambda pairs, weights=None: collate_padded(pairs, pad_token_id=pad_token_id, weights=weights)
-    if layout == "packed":
-        return lambda pairs, weights=None: collate_packed(
-            pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, weights=weights)
-    raise ValueError(f"layout: unknown {layout!r}; expected padded or packed")

@@ -5,11 +5,18 @@ Weights load as safetensors only, and `trust_remote_code` stays off unless the c
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dpo.config import TrainConfig
 
@@ -31,15 +38,37 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off in the base model, so the policy and its reference agree exactly at step 0 (LoRA dropout,
-    added later, still applies)."""
+    """Every dropout of the base model off, so the policy equals its reference at step 0 and two train-mode forwards
+    of a batch are identical (LoRA dropout, added later, still applies).
+
+    Dropout hides in three places: `nn.Dropout` modules, rates that modules copy into plain float attributes at
+    init and use in forward (OPT's `dropout` and `layerdrop`, GPTBigCode's `attn_dropout`/`resid_dropout`, XGLM),
+    and config fields read at forward time (`config.attention_dropout`). All three are zeroed.
+    """
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
+        for name, value in list(vars(module).items()):
+            if type(value) is float and _DROPOUT_NAME.search(name):
+                setattr(module, name, 0.0)
+    for config in _configs(getattr(model, "config", None)):
+        for name, value in list(vars(config).items()):
+            if type(value) is float and _DROPOUT_NAME.search(name):
+                setattr(config, name, 0.0)
+
+
+_DROPOUT_NAME = re.compile(r"dropout|pdrop|layerdrop|drop_prob|drop_rate|drop_path", re.IGNORECASE)
+
+
+def _configs(config: PretrainedConfig | None) -> list[PretrainedConfig]:
+    """A config and every config nested in it (text_config, vision_config, ...)."""
+    found, stack = [], [config]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, PretrainedConfig) and all(current is not c for c in found):
+            found.append(current)
+            stack.extend(v for v in vars(current).values() if isinstance(v, PretrainedConfig))
+    return found
 
 
 def policy_dtype(cfg: TrainConfig) -> torch.dtype:

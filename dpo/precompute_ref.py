@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.data import REF_COLUMNS, REQUIRED_COLUMNS, eval_micro_batches, has_ref_columns, load_split, make_collate
+from dpo.data import REF_COLUMNS, REQUIRED_COLUMNS, eval_micro_batches, has_ref_columns, load_split
+from dpo.layouts import LayoutError, choose_run_layout, longest_sequence, make_collate
 
 FINGERPRINT_FILE = "precomputed_ref.json"
 SPLITS = ("train", "eval")
@@ -238,9 +239,13 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = make_collate(cfg.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           prefix_sharing=cfg.prefix_sharing)
     reference = build_reference("model", cfg, accelerator)  # exactly training's on-the-fly reference
+    present = [load_split(cfg.data_path, s) for s in splits]
+    choice = choose_run_layout([reference.model], cfg, accelerator, pad_token_id=pad_id,
+                               longest=longest_sequence(*present))
+    log(choice.message.replace("[dpo]", "[precompute_ref]", 1))
+    collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
+                           attention=choice.attention)
     fingerprints = {}
     for split in splits:
         dataset = load_split(cfg.data_path, split)
@@ -284,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not splits:
         print(f"dpo.precompute_ref: --splits must name some of {', '.join(SPLITS)}, got {splits}", file=sys.stderr)
         return 2
-    precompute(cfg, splits)
+    try:
+        precompute(cfg, splits)
+    except LayoutError as exc:
+        print(f"dpo.precompute_ref: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

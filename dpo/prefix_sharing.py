@@ -16,6 +16,11 @@ own answer's first token. Every scored position therefore has the same inputs, p
 in the padded layout: the layout is exact (up to float summation order), and it costs P + C + R + 1 tokens per
 pair instead of 2P + C + R.
 
+Sliding windows and chunks count positions within the sequence: the shared prompt is part of the chosen sequence
+and of the rejected one, so a branch token at position P + j sees the prompt tokens its window reaches in either
+(`dpo.masks`). Models whose biases or states follow the order of tokens in the row (ALiBi, convolutions, linear
+attention, SSMs) cannot be exact in this layout; `dpo.layouts` checks each model before using it.
+
 Pairs are packed first-fit decreasing into rows of at most min(`max_tokens_per_row`, longest pair) tokens (one
 pair per row when `packed=False`). The mask is dense (attention is quadratic in the row length with sdpa), so rows
 never grow wider than the unpacked layout's would be.
@@ -28,10 +33,8 @@ from typing import Any
 
 import torch
 
-from dpo.data import PreferenceBatch, _ref_logps, _useful_tokens
-
-# Branch codes of each position: the mask is built from them in one broadcast.
-PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
+from dpo.data import PreferenceBatch, pack_first_fit, ref_logps_of, useful_tokens
+from dpo.masks import CHOSEN, PAD, REJECTED, SHARED, AttentionSpec, build_attention_mask
 
 
 def shared_length(pair: dict[str, Any]) -> int:
@@ -39,27 +42,11 @@ def shared_length(pair: dict[str, Any]) -> int:
     return len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"]) + 1
 
 
-def _pack_rows(lengths: list[int], *, max_tokens_per_row: int, packed: bool) -> list[list[int]]:
-    """Pair indices per row: first-fit decreasing under the bound, or one pair per row."""
-    if not packed:
-        return [[i] for i in range(len(lengths))]
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        for r in range(len(rows)):
-            if used[r] + lengths[i] <= max_tokens_per_row:
-                rows[r].append(i)
-                used[r] += lengths[i]
-                break
-        else:  # a pair longer than the bound gets a row of its own
-            rows.append([i])
-            used.append(lengths[i])
-    return [sorted(members) for members in rows]
-
-
 def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens_per_row: int,
-                          weights: list[float] | None = None, packed: bool = True) -> PreferenceBatch:
-    """B pairs as prefix-shared sequences in R rows, with a [R, 1, T, T] additive float mask (0 or -inf).
+                          weights: list[float] | None = None, packed: bool = True,
+                          attention: AttentionSpec | None = None) -> PreferenceBatch:
+    """B pairs as prefix-shared sequences in R rows, with a [R, 1, T, T] additive float mask (0 or -inf), or a
+    mapping of such masks by layer type (`dpo.masks`, with the windows and chunks of `attention`).
 
     Example, one pair with prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad 0:
 
@@ -82,7 +69,7 @@ def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max
     # rows only add attention work, while first-fit packing up to that width already removes most of the padding.
     # On the benchmark (2 CPU cores) rows of ~600 tokens ran 1.3x faster than rows of 1024 and 1.6x than 2048.
     bound = min(max_tokens_per_row, max(lengths))
-    rows = _pack_rows(lengths, max_tokens_per_row=bound, packed=packed)
+    rows = pack_first_fit(lengths, bound=bound) if packed else [[i] for i in range(len(pairs))]
     width = max(sum(lengths[i] for i in members) for members in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -112,23 +99,10 @@ def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max
                     target_ids[r, offset:offset + n - 1] = torch.tensor(tokens[1:], dtype=torch.long)
                     target_seq[r, offset:offset + n - 1] = seq
                 offset += n
-    attention_mask = _mask_from_branches(segment, branch)
-    ref_chosen, ref_rejected = _ref_logps(pairs)
+    attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec())
+    ref_chosen, ref_rejected = ref_logps_of(pairs)
     return PreferenceBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, target_ids=target_ids,
         target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=num_pairs,
-        num_tokens=_useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        num_tokens=useful_tokens(pairs, weights), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
     )
-
-
-def _mask_from_branches(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """[R, 1, T, T] additive mask: query q sees key k when k <= q in the same pair, unless q is a rejected-branch
-    token and k a chosen-branch token; every position sees itself (padding included, so no softmax is empty)."""
-    t = segment.shape[1]
-    index = torch.arange(t)
-    causal = index[None, :, None] >= index[None, None, :]  # [1, T(q), T(k)]
-    same_pair = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-    crosses = (branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN)
-    allowed = (causal & same_pair & ~crosses) | torch.eye(t, dtype=torch.bool)[None]
-    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
-    return mask[:, None]

@@ -31,11 +31,11 @@ from dpo.data import (
     eval_micro_batches,
     has_ref_columns,
     load_split,
-    make_collate,
     optimizer_steps_per_epoch,
     train_micro_batches,
 )
 from dpo.distributed import build_accelerator
+from dpo.layouts import LayoutError, choose_run_layout, longest_sequence, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.losses import preference_loss
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"dpo.train: {exc}", file=sys.stderr)
         return 3
+    except LayoutError as exc:
+        print(f"dpo.train: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -170,8 +173,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     eval_ds = load_split(cfg.data_path, "eval")
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = make_collate(cfg.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           prefix_sharing=cfg.prefix_sharing)
     world = accelerator.num_processes
     steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=cfg.batch_size, num_processes=world,
                                                 accumulation=cfg.gradient_accumulation_steps)
@@ -210,6 +211,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     accelerator.register_for_checkpointing(scheduler)
     unwrapped_policy = accelerator.unwrap_model(policy)
     reference = build_reference(ref_kind, cfg, accelerator)
+
+    # ---- layout: the fastest one that a probe of these very models proves exact (dpo/layouts.py)
+    probed = [policy] + ([reference.model] if reference.model is not None else [])
+    choice = choose_run_layout(probed, cfg, accelerator, pad_token_id=pad_id,
+                               longest=longest_sequence(train_ds, eval_ds))
+    log(choice.message)
+    collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
+                           attention=choice.attention)
     if accelerator.is_main_process:
         # ZeRO-3 leaves an empty placeholder in each partitioned parameter; ds_numel is its full size.
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)

@@ -42,7 +42,18 @@ def test_collate_packed_layout():
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
     assert batch.target_seq.tolist() == [[-1, 2, 2, 2, -1], [-1, 0, 0, -1, -1], [1, -1, 3, 3, -1]]
     assert batch.target_ids.tolist() == [[6, 8, 9, 2, 0], [6, 7, 2, 0, 0], [2, 0, 4, 2, 0]]  # none crosses a sequence
-    assert batch.attention_mask is None
+    # An explicit block-diagonal causal mask (query row -> keys seen); the padding of row 1 sees only itself.
+    allowed = [
+        {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 2, 3, 4]},
+        {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [4]},
+        {0: [0], 1: [0, 1], 2: [2], 3: [2, 3], 4: [2, 3, 4]},
+    ]
+    assert batch.attention_mask.shape == (3, 1, 5, 5)
+    for row, keys_of in enumerate(allowed):
+        expected = torch.full((5, 5), float("-inf"))
+        for q, keys in keys_of.items():
+            expected[q, keys] = 0.0
+        assert torch.equal(batch.attention_mask[row, 0], expected)
 
 
 def test_collate_packed_respects_the_row_bound():

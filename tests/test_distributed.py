@@ -354,7 +354,8 @@ CHECK_REFERENCE = textwrap.dedent('''
     import json, sys
     import torch
     from dpo.config import load_config
-    from dpo.data import eval_micro_batches, load_split, make_collate
+    from dpo.data import eval_micro_batches, load_split
+    from dpo.layouts import make_collate
     from dpo.distributed import build_accelerator
     from dpo.reference import build_reference
 

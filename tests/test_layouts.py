@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
 from dpo.config import TrainConfig, load_config
-from dpo.data import PreferenceBatch, collate_padded, make_collate
+from dpo.data import PreferenceBatch, collate_padded
+from dpo.layouts import make_collate
 from dpo.logprobs import sequence_logps
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.prefix_sharing import collate_prefix_shared, shared_length

@@ -14,7 +14,7 @@ trl = pytest.importorskip("trl")
 
 from builders import make_tokenizer  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
-from dpo.data import make_collate  # noqa: E402
+from dpo.layouts import make_collate  # noqa: E402
 from dpo.logprobs import sequence_logps  # noqa: E402
 from dpo.reference import Reference  # noqa: E402
 from dpo.tiny import build_model  # noqa: E402
