@@ -73,7 +73,8 @@ class AttentionSpec:
         return max([r.window or 0 for _, r in self.rules] + [r.chunk or 0 for _, r in self.rules])
 
     def describe(self) -> str:
-        kinds = "; ".join(f"{name or 'all layers'}: {rule.describe()}" for name, rule in self.rules)
+        kinds = "; ".join(f"{name or 'all layers'}: {rule.describe()}" for name, rule in self.rules
+                          if name not in self.recurrent_types)
         if self.recurrent_types:
             kinds += f"; not attention: {', '.join(self.recurrent_types)}"
         return kinds

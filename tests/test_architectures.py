@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,3 +277,73 @@ def test_attention_spec_reads_windows_chunks_and_recurrent_layers():
     assert dict(attention_spec(build("llama4_text").config).rules)["chunked_attention"] == MaskRule(chunk=WINDOW)
     assert attention_spec(build("lfm2").config).recurrent_types == ("conv",)
     assert not attention_spec(build("qwen2").config).as_mapping  # one rule for every layer type: one mask
+
+
+# ------------------------------------------------------------------------------- end to end, one per failure class
+
+# family -> (the layout the run must use, zoo options): windows in a single mask, windows in a mapping per layer
+# type with position ids ignored by the mask builder, dropout kept in float attributes, ALiBi, a hybrid.
+END_TO_END = {
+    "mistral_window": PACKED_SHARED,
+    "gpt_oss": PACKED_SHARED,
+    "opt": PACKED_SHARED,
+    "mpt": PACKED,
+    "lfm2": PADDED,
+}
+
+
+@pytest.mark.parametrize("name", list(END_TO_END))
+def test_train_and_precompute_ref_give_oracle_log_probs(name, tmp_path):
+    """`python -m dpo.train` with the default layout: step-1 logps equal the oracle's means and the margins are 0;
+    `python -m dpo.precompute_ref` stores the oracle's values pair by pair."""
+    import datasets
+
+    from builders import make_data_dir, make_tokenizer
+    from dpo.metrics import read_metrics
+
+    tokenizer = make_tokenizer()
+    model = build(name, vocab_size=len(tokenizer), dropout=True, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = make_data_dir(tmp_path / "data", tokenizer, n_train=8, n_eval=4)
+    pairs = [dict(p) for p in datasets.load_from_disk(str(data / "train"))]
+    oracle = oracle_logps(model, pairs)
+
+    common = ["--model_path", str(tmp_path / "model"), "--data_path", str(data)]
+    run = subprocess.run([sys.executable, "-m", "dpo.train", *common, "--output_dir", str(tmp_path / "run"),
+                          "--batch_size", "8", "--max_steps", "1", "--learning_rate", "1e-4"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"[dpo] layout: {END_TO_END[name].name}" in run.stdout
+    step1 = next(r for r in read_metrics(tmp_path / "run") if r["split"] == "train")
+    assert step1["logps/chosen"] == pytest.approx(float(oracle[:8].mean()), abs=TOLERANCE)
+    assert step1["logps/rejected"] == pytest.approx(float(oracle[8:].mean()), abs=TOLERANCE)
+    assert abs(step1["rewards/margins"]) <= 1e-6
+
+    pre = subprocess.run([sys.executable, "-m", "dpo.precompute_ref", *common, "--splits", "train"],
+                         capture_output=True, text=True, timeout=600)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert f"[precompute_ref] layout: {END_TO_END[name].name}" in pre.stdout
+    stored = datasets.load_from_disk(str(data / "train"))
+    values = torch.tensor(list(stored["ref_chosen_logps"]) + list(stored["ref_rejected_logps"]),
+                          dtype=torch.float64)
+    assert float((values - oracle).abs().max()) <= TOLERANCE
+
+
+def test_an_explicit_layout_that_cannot_be_exact_exits_2_with_one_line(tmp_path):
+    from builders import make_data_dir, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    build("mpt", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = make_data_dir(tmp_path / "data", tokenizer, n_train=8, n_eval=0)
+    run = subprocess.run([sys.executable, "-m", "dpo.train", "--model_path", str(tmp_path / "model"), "--data_path",
+                          str(data), "--output_dir", str(tmp_path / "run"), "--batch_size", "8", "--max_steps", "1",
+                          "--layout", "packed", "--prefix_sharing", "true"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.startswith("dpo.train:")]
+    assert len(lines) == 1 and "Traceback" not in run.stderr
+    assert "packed with prefix sharing" in lines[0] and "MptForCausalLM" in lines[0] and "nats" in lines[0]
+    assert not (tmp_path / "run" / "final").exists()
