@@ -203,7 +203,8 @@ def table_records(name: str, batches: Iterable[pa.RecordBatch | pa.Table], read:
 
 def parquet_source(path: Path, columns: ColumnMap) -> Source:
     try:
-        file = pq.ParquetFile(path)
+        # pre_buffer (pyarrow's default) would fetch every row group before the first batch: 1x the file in memory.
+        file = pq.ParquetFile(path, pre_buffer=False)
     except (OSError, pa.ArrowException) as error:
         raise InputError(f"{path}: cannot read as Parquet: {error}") from error
     read = _table_columns(str(path), file.schema_arrow.names, columns)
