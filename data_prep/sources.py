@@ -79,11 +79,9 @@ class ColumnMap:
         moved = [(target, source) for target, source in self.pairs() if source != target]
         if not moved or not isinstance(value, dict):
             return value
-        record = {key: item for key, item in value.items() if key not in {t for t, _ in moved}}
-        for target, source in moved:
-            record.pop(source, None)
-            if source in value:
-                record[target] = value[source]
+        taken = {name for pair in moved for name in pair}
+        record = {key: item for key, item in value.items() if key not in taken}
+        record.update((target, value[source]) for target, source in moved if source in value)
         return record
 
 
@@ -112,6 +110,8 @@ def read_sources(
     All inputs are opened (splits chosen, schemas checked) before any row is read, so a wrong path, split or
     column name fails at once.
     """
+    if len({source for _, source in columns.pairs()}) < 3:
+        raise InputError("--prompt_column, --chosen_column and --rejected_column must name three different columns")
     sources = [source for name in inputs for source in open_input(name, split, default_splits, columns)]
     if split is not None and not any(source.has_splits for source in sources):
         flag = "--input_split" if default_splits == TRAIN_SPLITS else "--eval_split"

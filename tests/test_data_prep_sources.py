@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerFast
 
 from data_prep import sources
-from data_prep.formats import SkipLog
+from data_prep.formats import InputError, SkipLog
 from data_prep.prepare import main
 from data_prep.sources import ColumnMap, open_input, read_sources
 
@@ -209,6 +209,11 @@ def test_column_mapping_reads_other_names_in_parquet_and_json(tokenizer_dir: Pat
     assert rows(tmp_path / "pq") == rows(tmp_path / "js") == rows(tmp_path / "plain")
     assert list(report(tmp_path / "pq")["format"].values()) == ["explicit"]
     assert ColumnMap(chosen="good").rename({"good": "a", "chosen": "b", "x": 1}) == {"x": 1, "chosen": "a"}
+    swapped = ColumnMap(chosen="rejected", rejected="chosen")
+    assert swapped.rename({"prompt": "p", "chosen": "c", "rejected": "r"}) == {
+        "prompt": "p", "chosen": "r", "rejected": "c"}
+    with pytest.raises(InputError, match="three different columns"):
+        read_sources([], shape=None, skips=SkipLog(), columns=ColumnMap(prompt="chosen"))
 
 
 # ---------------------------------------------------------------- save_to_disk folders
