@@ -356,3 +356,25 @@ def test_a_dataset_name_loads_from_the_local_cache_offline(
     assert time.monotonic() - started < 20
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: someorg/not_cached: no such file or directory, and datasets.load_dataset cannot")
+
+
+@pytest.mark.parametrize(
+    ("tools", "expected"),
+    [
+        ('[{"name": "add"}]', [{"name": "add"}]),
+        ([{"name": "add"}], [{"name": "add"}]),
+        ("[]", None),
+        ("[{not json", "'tools' is a string but not JSON"),
+        ({"name": "add"}, "'tools' must be a list of objects"),
+        (["add"], "'tools' must be a list of objects"),
+    ],
+)
+def test_tools_are_a_list_of_schemas_or_its_json_string(tools: object, expected: object) -> None:
+    from data_prep.formats import BadRecord, Reason, normalise
+
+    record = {"prompt": [user("Hi")], "chosen": [assistant("yes")], "rejected": [assistant("no")], "tools": tools}
+    pair = normalise(record, "f:1", shape=None, index=0)
+    if isinstance(expected, str):
+        assert isinstance(pair, BadRecord) and pair.reason == Reason.WRONG_TYPE and expected in pair.detail
+    else:
+        assert not isinstance(pair, BadRecord) and pair.tools == expected
