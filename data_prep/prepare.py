@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="a .json/.jsonl(.gz) or .parquet file, a directory, a save_to_disk folder or a dataset name",
     )
-    parser.add_argument("--input_split", help="split of dataset folders/names (default: train, train_prefs, the only)")
+    parser.add_argument("--input_split", help="split of dataset folders/names (default: train, train_prefs, the one)")
     parser.add_argument("--eval_split", help="split of --eval_input folders/names (default: test, test_prefs, ...)")
     for field in ("prompt", "chosen", "rejected"):
         parser.add_argument(f"--{field}_column", help=f"column (or JSON key) read as {field} (default: {field})")
@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--eval_fraction must be in [0, 1)")
     if args.eval_fraction > 0 and args.eval_input:
         parser.error("use --eval_fraction or --eval_input, not both")
+    if args.eval_split and not args.eval_input:
+        parser.error("--eval_split needs --eval_input (the same folder or name as --input, for instance)")
     for name in ("num_shards", "num_proc", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -128,6 +128,12 @@ def test_eval_input_defaults_to_the_test_split_and_splits_can_be_named(
     assert report(tmp_path / "out")["pairs_written"] == {"train": 6, "eval": 3}
     assert prep(tokenizer_dir, tmp_path / "sft", folder, extra=("--input_split", "train_sft")) == 0
     assert report(tmp_path / "sft")["pairs_written"]["train"] == 4
+    extra = ("--eval_input", str(folder), "--eval_split", "train_sft")
+    assert prep(tokenizer_dir, tmp_path / "named", folder, extra=extra) == 0
+    assert report(tmp_path / "named")["pairs_written"] == {"train": 6, "eval": 4}
+    with pytest.raises(SystemExit) as exit_info:
+        prep(tokenizer_dir, tmp_path / "no_eval", folder, extra=("--eval_split", "test_prefs"))
+    assert exit_info.value.code == 2
 
 
 def test_ambiguous_or_unknown_splits_and_missing_columns_are_one_line_errors(
