@@ -8,8 +8,11 @@ measures, single-threaded (TOKENIZERS_PARALLELISM=false):
              fast path of `data_prep.fastpath` (what data prep uses for this tokenizer)
   tokenize/full  the same with `PairTokenizer(fast=False)`: every text encoded whole by the Rust tokenizer
              (the rule before the fast path; the outputs are checked equal)
+  read/jsonl, read/parquet  reading and normalising the records alone, from the JSONL file and from the same
+             records in a Parquet file (1,000-row groups, as `datasets` writes them)
   end2end    `python -m data_prep` in-process: read JSON, tokenize, write Arrow shards, report, hashes
-  end2end/2  the same with --num_proc 2
+  end2end/parquet  the same from the Parquet file (the outputs are checked equal)
+  end2end/2  the same as end2end with --num_proc 2
 "pairs/s/core" divides by the CPU seconds used (this process and its children), so it does not depend on
 how many cores the machine has. The target is >= 3,000 pairs/s per core. Prints a table, writes JSON.
 """
@@ -28,9 +31,14 @@ from pathlib import Path
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process: the figure is per core
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from datasets import load_from_disk  # noqa: E402
+
 from data_prep.formats import SkipLog, read_inputs  # noqa: E402
 from data_prep.prepare import main as prep_main  # noqa: E402
 from data_prep.prepare import tokenize_pairs  # noqa: E402
+from data_prep.sources import read_sources  # noqa: E402
 from data_prep.tokenize import PairTokenizer  # noqa: E402
 from dpo.tiny import build_tokenizer  # noqa: E402
 
@@ -99,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.save_pretrained(str(root / "tokenizer"))
         data = root / "pairs.jsonl"
         data.write_text("".join(json.dumps(record) + "\n" for record in records))
+        table = root / "pairs.parquet"
+        pq.write_table(pa.Table.from_pylist(records), table, row_group_size=1000)
         pairs = read_inputs([str(data)], shape=None, skips=SkipLog()).pairs
         pair_tokenizer = PairTokenizer(tokenizer, max_length=1024, max_prompt_length=512)
         tokenized = tokenize_pairs(pairs[:1000], pair_tokenizer, skips=SkipLog())  # warm-up
@@ -117,10 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         assert outputs["tokenize"] == outputs["tokenize/full"], "the fast path changed the output"
         tokenized = tokenize_pairs(pairs[:2000], pair_tokenizer, skips=SkipLog())
         tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized)
-        base = ["--input", str(data), "--tokenizer", str(root / "tokenizer"), "--num_shards", "4"]
-        for label, extra in (("end2end", ["--num_proc", "1"]), ("end2end/2", ["--num_proc", "2"])):
+        for label, source in (("read/jsonl", data), ("read/parquet", table)):
+            results.append(
+                measure(label, len(pairs), lambda: read_sources([str(source)], shape=None, skips=SkipLog()))
+            )
+        base = ["--tokenizer", str(root / "tokenizer"), "--num_shards", "4"]
+        for label, extra in (
+            ("end2end", ["--input", str(data), "--num_proc", "1"]),
+            ("end2end/parquet", ["--input", str(table), "--num_proc", "1"]),
+            ("end2end/2", ["--input", str(data), "--num_proc", "2"]),
+        ):
             output = root / label.replace("/", "_")
             results.append(measure(label, len(pairs), lambda: prep_main([*base, *extra, "--output", str(output)])))
+        outputs_of = ("end2end", "end2end_parquet")
+        from_json, from_parquet = (load_from_disk(str(root / name / "train"))[:] for name in outputs_of)
+        assert from_json == from_parquet, "Parquet and JSONL inputs gave different shards"
 
     summary = {
         "tokens_per_pair": round(tokens / len(tokenized), 1),
@@ -129,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     print(f"\n{summary['tokens_per_pair']} tokens per pair (prompt + chosen + rejected), vocab {len(tokenizer)}")
-    print(f"{'stage':<14} {'pairs':>7} {'wall s':>8} {'cpu s':>8} {'pairs/s':>9} {'pairs/s/core':>13}")
+    print(f"{'stage':<16} {'pairs':>7} {'wall s':>8} {'cpu s':>8} {'pairs/s':>9} {'pairs/s/core':>13}")
     for row in results:
         print(
-            f"{row['stage']:<14} {row['pairs']:>7} {row['wall_s']:>8} {row['cpu_s']:>8} "
+            f"{row['stage']:<16} {row['pairs']:>7} {row['wall_s']:>8} {row['cpu_s']:>8} "
             f"{row['pairs_per_s']:>9} {row['pairs_per_s_per_core']:>13}"
         )
     args.json.write_text(json.dumps(summary, indent=2) + "\n")

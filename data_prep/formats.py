@@ -9,8 +9,8 @@ another shape are `mixed_shapes`), or forced with `shape=`:
 
 - explicit:       {"prompt": str, "chosen": str, "rejected": str}
 - implicit:       {"chosen": str, "rejected": str}, one conversation up to the answer (see `split_implicit`)
-- conversational: {"chosen": [msg, ...], "rejected": [msg, ...], "prompt"?: [msg, ...] | str},
-                  msg = {"role": str, "content": str}
+- conversational: {"chosen": [msg, ...], "rejected": [msg, ...], "prompt"?: [msg, ...] | str, "tools"?: [...]},
+                  msg = {"role": str, "content": str}; tools: function schemas for the chat template
 
 Extra fields are ignored. A record that cannot be used becomes a `BadRecord(location, reason, detail)` whose
 location is "file:line" (the line where the record starts) and whose reason is one of `Reason`.
@@ -26,7 +26,7 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -86,7 +86,8 @@ class PreferencePair:
     """One usable record. Text shapes hold strings; conversational holds message lists.
 
     `chosen`/`rejected` are the responses only (without the prompt); `index` numbers the records read, in
-    input order, across all files of a split.
+    input order, across all files of a split; `tools` (conversational only) are function schemas for the chat
+    template, from the record's optional `tools` (a list, or that list as a JSON string).
     """
 
     prompt: str | list[Message]
@@ -95,6 +96,7 @@ class PreferencePair:
     shape: Shape
     location: str
     index: int
+    tools: list[dict] | None = None
 
 
 @dataclass
@@ -145,10 +147,17 @@ def expand_inputs(paths: list[str]) -> list[Path]:
 
 def read_inputs(paths: list[str], *, shape: Shape | None, skips: SkipLog) -> ReadResult:
     """Read every record of every input, in order; bad records go to `skips`."""
+    return read_records(((str(path), iter_records(path)) for path in expand_inputs(paths)), shape=shape, skips=skips)
+
+
+def read_records(
+    sources: Iterable[tuple[str, Iterable[tuple[str, object]]]], *, shape: Shape | None, skips: SkipLog
+) -> ReadResult:
+    """Normalise the ("file:line", value) records of each named source (a file, or a table: `data_prep.sources`)."""
     result = ReadResult(pairs=[], records_read=0, formats={})
-    for path in expand_inputs(paths):
+    for name, records in sources:
         file_shape = shape
-        for location, value in iter_records(path):
+        for location, value in records:
             index = result.records_read
             result.records_read += 1
             if isinstance(value, BadRecord):
@@ -163,7 +172,7 @@ def read_inputs(paths: list[str], *, shape: Shape | None, skips: SkipLog) -> Rea
                 skips.add(pair)
             else:
                 result.pairs.append(pair)
-        result.formats[str(path)] = file_shape or "unknown"
+        result.formats[name] = file_shape or "unknown"
     return result
 
 
@@ -376,8 +385,10 @@ def _conversational(value: dict, location: str, index: int) -> PreferencePair | 
     """Messages after the prompt are the responses.
 
     With a `prompt` (a message list, or a string meaning one user message), `chosen`/`rejected` are the
-    responses, or whole conversations that start with the prompt messages (UltraFeedback-binarized), which are
-    then removed. Without one, the leading messages that `chosen` and `rejected` share are the prompt
+    responses (trl-lib), or whole conversations that both start with the prompt messages (UltraFeedback-binarized,
+    Argilla): then the prompt is every leading message they share, so the answers are only what differs (the
+    last assistant turn) and a multi-turn conversation whose `prompt` holds only its first turn is not cut
+    after that turn. Without one, the leading messages that `chosen` and `rejected` share are the prompt
     (MiniMind's dpo.jsonl).
     """
     chosen, rejected = _messages(value["chosen"], "chosen", location), _messages(
@@ -405,11 +416,34 @@ def _conversational(value: dict, location: str, index: int) -> PreferencePair | 
             return prompt
         if not prompt or not any(message["content"].strip() for message in prompt):
             return BadRecord(location, Reason.EMPTY_PROMPT, "the prompt is empty")
-        chosen = chosen[len(prompt) :] if chosen[: len(prompt)] == prompt else chosen
-        rejected = rejected[len(prompt) :] if rejected[: len(prompt)] == prompt else rejected
+        if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt:
+            shared = len(prompt)
+            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+                shared += 1
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        else:
+            chosen = chosen[len(prompt) :] if chosen[: len(prompt)] == prompt else chosen
+            rejected = rejected[len(prompt) :] if rejected[: len(prompt)] == prompt else rejected
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if not any(message["content"].strip() for message in messages):
             return BadRecord(location, Reason.EMPTY_RESPONSE, f"no {name} message after the prompt")
     if chosen == rejected:
         return BadRecord(location, Reason.CHOSEN_EQUALS_REJECTED, "identical responses after the prompt")
-    return PreferencePair(prompt, chosen, rejected, "conversational", location, index)
+    tools = _tools(value.get("tools"), location)
+    if isinstance(tools, BadRecord):
+        return tools
+    return PreferencePair(prompt, chosen, rejected, "conversational", location, index, tools)
+
+
+def _tools(value: object, location: str) -> list[dict] | None | BadRecord:
+    """A record's `tools`: None, a list of JSON objects or that list as a JSON string; empty means none."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            return BadRecord(location, Reason.WRONG_TYPE, f"'tools' is a string but not JSON: {error}")
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        return BadRecord(location, Reason.WRONG_TYPE, "'tools' must be a list of objects (function schemas)")
+    return value

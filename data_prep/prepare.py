@@ -1,4 +1,7 @@
-"""Data prep: raw preference JSON -> tokenized Arrow shards + prep_report.json, written atomically.
+"""Data prep: raw preference records -> tokenized Arrow shards + prep_report.json, written atomically.
+
+Records come from JSON/JSONL files, Parquet files and folders, `datasets` folders or dataset names
+(`data_prep.sources`), all normalised alike (`data_prep.formats`).
 
     python -m data_prep --input PATH [--input PATH ...] --tokenizer PATH --output DIR [options]
     dpo-prep --input data/dpo.jsonl --tokenizer tok/ --output prepped/ --eval_fraction 0.05 --num_shards 4
@@ -41,8 +44,8 @@ from data_prep.formats import (
     InputError,
     PreferencePair,
     SkipLog,
-    read_inputs,
 )
+from data_prep.sources import EVAL_SPLITS, ColumnMap, read_sources
 from data_prep.tokenize import PairTokenizer, TokenizedPair, tokenizer_hash
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -60,8 +63,15 @@ REPORT_NAME = "prep_report.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--input", action="append", required=True, help="a .json/.jsonl(.gz) file or a directory"
+        "--input",
+        action="append",
+        required=True,
+        help="a .json/.jsonl(.gz) or .parquet file, a directory, a save_to_disk folder or a dataset name",
     )
+    parser.add_argument("--input_split", help="split of dataset folders/names (default: train, train_prefs, the one)")
+    parser.add_argument("--eval_split", help="split of --eval_input folders/names (default: test, test_prefs, ...)")
+    for field in ("prompt", "chosen", "rejected"):
+        parser.add_argument(f"--{field}_column", help=f"column (or JSON key) read as {field} (default: {field})")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (or name) for AutoTokenizer")
     parser.add_argument("--output", required=True, type=Path, help="output directory, written atomically")
     parser.add_argument(
@@ -98,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--eval_fraction must be in [0, 1)")
     if args.eval_fraction > 0 and args.eval_input:
         parser.error("use --eval_fraction or --eval_input, not both")
+    if args.eval_split and not args.eval_input:
+        parser.error("--eval_split needs --eval_input (the same folder or name as --input, for instance)")
     for name in ("num_shards", "num_proc", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -283,9 +295,10 @@ def write_split(path: Path, dataset: Dataset, num_shards: int) -> int:
 
 
 def _read_split(
-    inputs: list[str], shape: str, skips: SkipLog, formats: dict[str, str]
+    inputs: list[str], shape: str, skips: SkipLog, formats: dict[str, str], **source_options: object
 ) -> tuple[list[PreferencePair], int]:
-    result = read_inputs(inputs, shape=None if shape == "auto" else shape, skips=skips)  # type: ignore[arg-type]
+    shape_or_none = None if shape == "auto" else shape
+    result = read_sources(inputs, shape=shape_or_none, skips=skips, **source_options)  # type: ignore[arg-type]
     formats.update(result.formats)
     if result.records_read == 0:
         raise InputError(f"no records in {', '.join(inputs)}")
@@ -301,9 +314,13 @@ def run(args: argparse.Namespace) -> dict:
     )
     skips = SkipLog(strict=args.on_bad_record == "error")
     formats: dict[str, str] = {}
-    raw = {"train": _read_split(args.input, args.format, skips, formats)}
+    columns = ColumnMap(args.prompt_column, args.chosen_column, args.rejected_column)
+    raw = {"train": _read_split(args.input, args.format, skips, formats, split=args.input_split, columns=columns)}
     if args.eval_input:
-        raw["eval"] = _read_split(args.eval_input, args.format, skips, formats)
+        raw["eval"] = _read_split(
+            args.eval_input, args.format, skips, formats,
+            split=args.eval_split, default_splits=EVAL_SPLITS, columns=columns, desc="read eval",
+        )
     needs_template = any(pair.shape == "conversational" for pairs, _ in raw.values() for pair in pairs)
     if needs_template and not tokenizer.chat_template:
         raise InputError(

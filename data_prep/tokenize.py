@@ -2,9 +2,9 @@
 
 Rendering. Text shapes are used as they are: the prompt text, and prompt + response as one text.
 Conversational pairs go through the tokenizer's chat template: the prompt with `add_generation_prompt=True`,
-prompt + response messages without it. Where the rendered conversation ends in the EOS token followed only by
-whitespace (a template that writes "</s>\\n" after every message), the trailing whitespace is dropped so that
-the response ends in EOS.
+prompt + response messages without it, both with the pair's `tools` (function schemas) when it has any. Where
+the rendered conversation ends in the EOS token followed only by whitespace (a template that writes "</s>\\n"
+after every message), the trailing whitespace is dropped so that the response ends in EOS.
 
 Tokens. Texts are encoded in batches with the fast tokenizer and without special tokens; BOS and EOS are then
 placed by these rules, so a template or a text that already holds them never doubles them:
@@ -195,16 +195,18 @@ class PairTokenizer:
                 "conversational records need a chat template: the tokenizer has none, pass --chat_template"
             )
         prompt_text = self.tokenizer.apply_chat_template(
-            pair.prompt, tokenize=False, add_generation_prompt=True
+            pair.prompt, tools=pair.tools, tokenize=False, add_generation_prompt=True
         )
         return (
             prompt_text,
-            self._render_full(pair.prompt + pair.chosen),
-            self._render_full(pair.prompt + pair.rejected),
+            self._render_full(pair.prompt + pair.chosen, pair.tools),
+            self._render_full(pair.prompt + pair.rejected, pair.tools),
         )
 
-    def _render_full(self, messages: list[dict[str, str]]) -> str:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    def _render_full(self, messages: list[dict[str, str]], tools: list[dict] | None) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=False
+        )
         eos_token = self.tokenizer.eos_token
         stripped = text.rstrip()
         return stripped if eos_token and stripped.endswith(eos_token) else text
