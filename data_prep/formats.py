@@ -52,6 +52,7 @@ MAX_EXAMPLES = 5
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 _ANY_SURROGATE = re.compile("[\ud800-\udfff]")  # after parsing, only a lone "\\udXXX" escape leaves one
 _WHITESPACE = re.compile(r"\s+")
+_NUMBER = re.compile(r"-?[0-9][0-9.eE+-]*")
 
 
 class Reason(StrEnum):
@@ -184,7 +185,7 @@ def read_inputs(paths: list[str], *, shape: Shape | None, skips: SkipLog) -> Rea
         file_shape = shape
         # Records read before the file's shape is known wait here, in order, so that a bad first record (say
         # `"prompt": null` in an explicit file) cannot decide the shape of the whole file.
-        pending: list[tuple[str, object, int]] = []
+        pending: list[tuple[object, str, int]] = []
         for location, value in iter_records(path):
             index = result.records_read
             result.records_read += 1
@@ -194,7 +195,7 @@ def read_inputs(paths: list[str], *, shape: Shape | None, skips: SkipLog) -> Rea
             if file_shape is None:
                 detected = _deciding_shape(value, location, index)
                 if detected is None:
-                    pending.append((location, value, index))
+                    pending.append((value, location, index))
                     continue
                 file_shape = detected
                 for waiting in pending:
@@ -298,7 +299,7 @@ def _array_elements(text: str, path: Path) -> Iterator[tuple[int, str | BadRecor
             return
         except (RecursionError, ValueError) as error:
             # Too deep for the parser, or a number too long to convert: skip the element if its end can be found.
-            skipped = _container_end(text, position)
+            skipped = _element_end(text, position)
             line = line_of(position)
             detail = "nested too deeply to parse" if isinstance(error, RecursionError) else str(error)
             yield line, BadRecord(f"{path}:{line}", Reason.INVALID_JSON, detail)
@@ -325,9 +326,12 @@ def _array_elements(text: str, path: Path) -> Iterator[tuple[int, str | BadRecor
             return
 
 
-def _container_end(text: str, position: int) -> int | None:
-    """The offset just past the JSON array or object starting at `position`, found without recursion (brackets
-    counted outside strings); None when the element is not a container or never closes."""
+def _element_end(text: str, position: int) -> int | None:
+    """The offset just past the JSON number, array or object starting at `position`, found without recursion
+    (brackets counted outside strings); None when the element is none of these or never closes."""
+    number = _NUMBER.match(text, position)
+    if number:
+        return number.end()
     if text[position : position + 1] not in ("[", "{"):
         return None
     depth, in_string, escaped = 0, False, False
