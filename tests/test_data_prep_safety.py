@@ -123,6 +123,16 @@ def test_overwrite_never_replaces_a_folder_data_prep_did_not_write(
     assert _tree(tmp_path) == before
 
 
+def test_an_output_that_is_a_file_is_refused_even_with_overwrite(
+    tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "out").write_text("a file of the user's")
+    raw = _jsonl(tmp_path / "raw.jsonl", [GOOD])
+    assert _prep(tokenizer_dir, tmp_path / "out", raw, extra=("--overwrite",)) == 2
+    assert "exists and is not a folder" in _error_line(capsys)
+    assert (tmp_path / "out").read_text() == "a file of the user's"
+
+
 def test_overwrite_refuses_our_output_once_the_user_added_files(
     tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -368,3 +378,58 @@ def test_usage_errors_are_one_line_and_exit_2(
         _prep(tokenizer_dir, tmp_path / "out", raw, extra=extra)
     assert stopped.value.code == 2
     assert _error_line(capsys).startswith(message)
+
+
+# ---------------------------------------------------------------- one run, every hostile record: counted, never fatal
+
+
+def test_hostile_records_in_skip_mode_are_counted_by_reason_across_worker_processes(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    text = tmp_path / "text.jsonl"
+    lines = [
+        '{"prompt": null, "chosen": "a b", "rejected": "a c"}',  # first: must not make the file implicit
+        *[json.dumps(record) for record in _pairs(3)],
+        '{"prompt": 7, "chosen": " b", "rejected": " c"}',
+        '{"prompt": "a\\ud800", "chosen": " b", "rejected": " c"}',
+        '{"prompt": "a", "chosen": " b", "rejected": " c", "x": ' + "[" * 20_000 + "]" * 20_000 + "}",
+        '{"prompt": "a", "chosen": " b", "rejected": " c", "n": ' + "1" * 5000 + "}",
+    ]
+    text.write_text("\n".join(lines) + "\n")
+    hi = {"role": "user", "content": "Hi"}
+    system = {"role": "system", "content": "Be brief"}
+
+    def chat(prompt: list[dict], chosen: str, rejected: str) -> dict:
+        return {
+            "chosen": [*prompt, {"role": "assistant", "content": chosen}],
+            "rejected": [*prompt, {"role": "assistant", "content": rejected}],
+        }
+
+    chat_file = _jsonl(
+        tmp_path / "chat.jsonl",
+        [chat([hi], "yes", "no"), chat([system, hi], "yes", "no"), chat([hi], "yes", "no!"), chat([hi], "a", "b")],
+    )
+    template = tmp_path / "t.jinja"  # refuses system messages, writes a lone surrogate for "!"
+    template.write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "<|{{ m['role'] }}|>\n{{ m['content'] | replace('!', '\\ud800') }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    output = tmp_path / "out"
+    extra = ("--chat_template", str(template), "--num_proc", "2", "--batch_size", "2")
+    assert _prep(tokenizer_dir, output, text, chat_file, extra=extra) == 0
+    report = _report(output)
+    assert {reason: count for reason, count in report["skipped"].items() if count} == {
+        "missing_field": 1,
+        "wrong_type": 1,
+        "invalid_unicode": 1,
+        "invalid_json": 2,
+        "template_error": 1,
+        "tokenizer_error": 1,
+    }
+    assert report["skipped_examples"]["template_error"] == [f"{chat_file}:2"]
+    assert report["skipped_examples"]["tokenizer_error"] == [f"{chat_file}:3"]
+    assert report["skipped_examples"]["invalid_json"] == [f"{text}:7", f"{text}:8"]
+    assert report["format"] == {str(text): "explicit", str(chat_file): "conversational"}
+    assert report["records_read"] == 12 and report["pairs_written"]["train"] == 5
+    assert list(load_from_disk(str(output / "train"))["source_index"]) == [1, 2, 3, 8, 11]
