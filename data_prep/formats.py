@@ -4,8 +4,8 @@ Inputs are `.json` (an array of records), `.jsonl` (one record per line), either
 (`.gz`), or a directory searched recursively for such files. A `.json` file whose first non-blank character
 is `{` is read as JSON Lines. Blank lines in JSON Lines are not records.
 
-Three record shapes, detected per file (the first record with a recognisable shape decides; later records of
-another shape are `mixed_shapes`), or forced with `shape=`:
+Three record shapes, detected per file (the first record that is valid in its own shape decides, so a bad first
+record cannot; later records of another shape are `mixed_shapes`), or forced with `shape=`:
 
 - explicit:       {"prompt": str, "chosen": str, "rejected": str}
 - implicit:       {"chosen": str, "rejected": str}, one conversation up to the answer (see `split_implicit`)
@@ -13,7 +13,12 @@ another shape are `mixed_shapes`), or forced with `shape=`:
                   msg = {"role": str, "content": str}; tools: function schemas for the chat template
 
 Extra fields are ignored. A record that cannot be used becomes a `BadRecord(location, reason, detail)` whose
-location is "file:line" (the line where the record starts) and whose reason is one of `Reason`.
+location is "file:line" (the line where the record starts) and whose reason is one of `Reason`: whatever a record
+holds (nesting too deep for the parser, numbers too long to convert, lone surrogate escapes such as "\\ud800"),
+it is skipped and counted, never a crash.
+
+Folders are searched recursively, skipping data_prep's own outputs and staging folders (`outputs.written_by_data_prep`),
+so an output written inside an input folder is never read back as input.
 
 A `.json` array whose text stops parsing part-way (a missing comma, a truncated file) yields one
 `invalid_json` record at the line of the error, and nothing after it can be read: the records before it are
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -31,6 +37,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
+
+from data_prep.outputs import written_by_data_prep
 
 Shape = Literal["explicit", "implicit", "conversational"]
 SHAPES: tuple[Shape, ...] = ("explicit", "implicit", "conversational")
@@ -42,7 +50,9 @@ ASSISTANT_MARKER = "\n\nAssistant:"
 MAX_EXAMPLES = 5
 
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
+_ANY_SURROGATE = re.compile("[\ud800-\udfff]")  # after parsing, only a lone "\\udXXX" escape leaves one
 _WHITESPACE = re.compile(r"\s+")
+_NUMBER = re.compile(r"-?[0-9][0-9.eE+-]*")
 
 
 class Reason(StrEnum):
@@ -60,6 +70,9 @@ class Reason(StrEnum):
     MIXED_SHAPES = "mixed_shapes"
     UNDECODABLE_BYTES = "undecodable_bytes"
     IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+    INVALID_UNICODE = "invalid_unicode"
+    TEMPLATE_ERROR = "template_error"
+    TOKENIZER_ERROR = "tokenizer_error"
 
 
 class InputError(Exception):
@@ -124,15 +137,21 @@ class ReadResult:
     pairs: list[PreferencePair]
     records_read: int
     formats: dict[str, str]  # file -> detected (or forced) shape, "unknown" when no record had a usable shape
+    skipped_folders: list[str] = field(default_factory=list)  # data_prep outputs found inside input folders
 
 
-def expand_inputs(paths: list[str]) -> list[Path]:
-    """Files named directly, plus the supported files under each named directory (recursively, sorted)."""
+def expand_inputs(paths: list[str], *, skipped_folders: list[Path] | None = None) -> list[Path]:
+    """Files named directly, plus the supported files under each named directory (recursively, sorted).
+
+    Folders written by data_prep are not searched; they are appended to `skipped_folders` when given.
+    """
     files: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES))
+            if written_by_data_prep(path):
+                raise InputError(f"{path}: a data_prep output, not raw input: pass the raw .json/.jsonl files")
+            found = sorted(_search(path, [] if skipped_folders is None else skipped_folders))
             if not found:
                 raise InputError(f"{path}: directory holds no {', '.join(INPUT_SUFFIXES)} files")
             files.extend(found)
@@ -145,9 +164,28 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
+def _search(root: Path, skipped_folders: list[Path]) -> Iterator[Path]:
+    """Supported files under `root`, not descending into folders that data_prep wrote."""
+    for folder, subfolders, names in os.walk(root):
+        kept = []
+        for sub in sorted(subfolders):
+            if written_by_data_prep(Path(folder, sub)):
+                skipped_folders.append(Path(folder, sub))
+            else:
+                kept.append(sub)
+        subfolders[:] = kept
+        for name in names:
+            if name.endswith(INPUT_SUFFIXES) and Path(folder, name).is_file():
+                yield Path(folder, name)
+
+
 def read_inputs(paths: list[str], *, shape: Shape | None, skips: SkipLog) -> ReadResult:
     """Read every record of every input, in order; bad records go to `skips`."""
-    return read_records(((str(path), iter_records(path)) for path in expand_inputs(paths)), shape=shape, skips=skips)
+    skipped_folders: list[Path] = []
+    files = expand_inputs(paths, skipped_folders=skipped_folders)
+    result = read_records(((str(path), iter_records(path)) for path in files), shape=shape, skips=skips)
+    result.skipped_folders = [str(folder) for folder in skipped_folders]
+    return result
 
 
 def read_records(
@@ -157,6 +195,9 @@ def read_records(
     result = ReadResult(pairs=[], records_read=0, formats={})
     for name, records in sources:
         file_shape = shape
+        # Records read before the source's shape is known wait here, in order, so that a bad first record (say
+        # `"prompt": null` in an explicit file) cannot decide the shape of the whole source.
+        pending: list[tuple[object, str, int]] = []
         for location, value in records:
             index = result.records_read
             result.records_read += 1
@@ -164,16 +205,40 @@ def read_records(
                 skips.add(value)
                 continue
             if file_shape is None:
-                detected = detect_shape(value, location)
-                if isinstance(detected, str):
-                    file_shape = detected
-            pair = normalise(value, location, shape=file_shape, index=index, forced=shape is not None)
-            if isinstance(pair, BadRecord):
-                skips.add(pair)
-            else:
-                result.pairs.append(pair)
+                detected = _deciding_shape(value, location, index)
+                if detected is None:
+                    pending.append((value, location, index))
+                    continue
+                file_shape = detected
+                for waiting in pending:
+                    _keep(normalise(*waiting[:2], shape=file_shape, index=waiting[2]), result, skips)
+                pending.clear()
+            _keep(normalise(value, location, shape=file_shape, index=index, forced=shape is not None), result, skips)
+        kept_before = len(result.pairs)
+        for waiting in pending:  # no record decided the source's shape: each is judged in its own shape
+            _keep(normalise(*waiting[:2], shape=None, index=waiting[2]), result, skips)
+        if file_shape is None and len(result.pairs) > kept_before:
+            file_shape = result.pairs[kept_before].shape
         result.formats[name] = file_shape or "unknown"
     return result
+
+
+def _deciding_shape(value: object, location: str, index: int) -> Shape | None:
+    """The record's shape if the record is valid in it (so it may decide the file's shape), else None."""
+    detected = detect_shape(value, location)
+    if isinstance(detected, BadRecord):
+        return None
+    if detected == "implicit" and isinstance(value, dict) and "prompt" in value:
+        return None  # `"prompt": null`: an explicit record without its prompt, or an implicit one; let others decide
+    pair = normalise(value, location, shape=detected, index=index)
+    return detected if isinstance(pair, PreferencePair) else None
+
+
+def _keep(pair: PreferencePair | BadRecord, result: ReadResult, skips: SkipLog) -> None:
+    if isinstance(pair, BadRecord):
+        skips.add(pair)
+    else:
+        result.pairs.append(pair)
 
 
 def _read_text(path: Path) -> tuple[str, bool]:
@@ -216,7 +281,9 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
         else:
             try:
                 yield location, json.loads(raw)
-            except json.JSONDecodeError as error:
+            except RecursionError:
+                yield location, BadRecord(location, Reason.INVALID_JSON, "nested too deeply to parse")
+            except ValueError as error:  # JSONDecodeError, or a number too long to convert
                 yield location, BadRecord(location, Reason.INVALID_JSON, str(error))
 
 
@@ -241,7 +308,17 @@ def _array_elements(text: str, path: Path) -> Iterator[tuple[int, str | BadRecor
             line = line_of(error.pos)
             yield line, BadRecord(f"{path}:{line}", Reason.INVALID_JSON, str(error))
             return
-        yield line_of(position), text[position:end]
+        except (RecursionError, ValueError) as error:
+            # Too deep for the parser, or a number too long to convert: skip the element if its end can be found.
+            skipped = _element_end(text, position)
+            line = line_of(position)
+            detail = "nested too deeply to parse" if isinstance(error, RecursionError) else str(error)
+            yield line, BadRecord(f"{path}:{line}", Reason.INVALID_JSON, detail)
+            if skipped is None:
+                return
+            end = skipped
+        else:
+            yield line_of(position), text[position:end]
         position = _skip_space(text, end)
         separator = text[position : position + 1]
         if separator == ",":
@@ -258,6 +335,35 @@ def _array_elements(text: str, path: Path) -> Iterator[tuple[int, str | BadRecor
                 f"{path}:{line}", Reason.INVALID_JSON, "expected ',' or ']' between records"
             )
             return
+
+
+def _element_end(text: str, position: int) -> int | None:
+    """The offset just past the JSON number, array or object starting at `position`, found without recursion
+    (brackets counted outside strings); None when the element is none of these or never closes."""
+    number = _NUMBER.match(text, position)
+    if number:
+        return number.end()
+    if text[position : position + 1] not in ("[", "{"):
+        return None
+    depth, in_string, escaped = 0, False, False
+    for offset in range(position, len(text)):
+        char = text[offset]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return offset + 1
+    return None
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -287,7 +393,10 @@ def detect_shape(value: object, location: str) -> Shape | BadRecord:
         return BadRecord(location, Reason.MISSING_FIELD, f"no {missing[0]!r}")
     chosen, rejected = value["chosen"], value["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
-        return "explicit" if value.get("prompt") is not None else "implicit"
+        prompt = value.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            return BadRecord(location, Reason.WRONG_TYPE, f"'prompt' is a {type(prompt).__name__}, not a string")
+        return "explicit" if prompt is not None else "implicit"
     if isinstance(chosen, list) and isinstance(rejected, list):
         return "conversational"
     return BadRecord(
@@ -304,11 +413,13 @@ def normalise(
         if not forced or detected.reason in (Reason.NOT_AN_OBJECT, Reason.MISSING_FIELD):
             return detected
     assert isinstance(value, dict)
+    if not forced and shape == "explicit" and detected == "implicit" and "prompt" in value:
+        return BadRecord(location, Reason.MISSING_FIELD, "'prompt' is null")
     if not forced and shape is not None and detected != shape:
         return BadRecord(location, Reason.MIXED_SHAPES, f"a {detected} record in a {shape} file")
     target: Shape = shape if shape is not None else detected  # type: ignore[assignment]
     if target == "conversational":
-        return _conversational(value, location, index)
+        return _valid_unicode(_conversational(value, location, index))
     for key in ("prompt", "chosen", "rejected") if target == "explicit" else ("chosen", "rejected"):
         if key not in value or value[key] is None:
             return BadRecord(location, Reason.MISSING_FIELD, f"no {key!r}")
@@ -332,7 +443,19 @@ def normalise(
             return BadRecord(location, Reason.EMPTY_RESPONSE, "nothing follows the shared prompt")
     if not prompt.strip():
         return BadRecord(location, Reason.EMPTY_PROMPT, "the prompt is empty")
-    return PreferencePair(prompt, chosen, rejected, target, location, index)
+    return _valid_unicode(PreferencePair(prompt, chosen, rejected, target, location, index))
+
+
+def _valid_unicode(pair: PreferencePair | BadRecord) -> PreferencePair | BadRecord:
+    """A pair whose text holds a lone surrogate (from a "\\ud800" escape) cannot be encoded: a `BadRecord`."""
+    if isinstance(pair, BadRecord):
+        return pair
+    for part in (pair.prompt, pair.chosen, pair.rejected):
+        texts = [part] if isinstance(part, str) else [text for message in part for text in message.values()]
+        for text in texts:
+            if not text.isascii() and _ANY_SURROGATE.search(text):
+                return BadRecord(pair.location, Reason.INVALID_UNICODE, "a lone surrogate escape (\\ud800-\\udfff)")
+    return pair
 
 
 def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:

@@ -13,8 +13,17 @@ DIR afterwards holds
                         record's number among the records read for that split)
     tokenizer/          the tokenizer, `save_pretrained` (pad token set to EOS when it had none)
     prep_report.json    counts, skip reasons with `file:line` examples, token-length statistics, hashes
-Exit status: 0 done; 1 an input, tokenizer or output problem; 2 a bad record under `--on_bad_record error`
-(one stderr line, "file:line: reason: detail") or a usage error.
+
+Safety. `--output` may not be, contain or lie inside any input; `--overwrite` replaces only a previous data_prep
+output (one holding `prep_report.json` and nothing else of the user's); staging folders of killed runs beside
+`--output` are cleaned, and an interrupted replacement is undone, when the command is run again (`atomic`).
+Tokenizers load from local folders (or the local Hugging Face cache) only: nothing is downloaded. Eval inputs that
+overlap the train inputs, or whose every prompt is also a training prompt, are refused; a partial prompt overlap is
+warned about and counted (`eval_prompts_in_train`). `--seed` without `--eval_fraction` is an error.
+
+Exit status: 0 done; 2 a user error, one stderr line: a usage error, an input, tokenizer or output problem, or a
+bad record under `--on_bad_record error` ("file:line: reason: detail"). Anything else is a bug and shows its
+traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -24,19 +33,17 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
+from data_prep.atomic import recover, staged_folder, write_text_atomic
 from data_prep.formats import (
     SHAPES,
     BadRecord,
@@ -45,8 +52,10 @@ from data_prep.formats import (
     PreferencePair,
     SkipLog,
 )
-from data_prep.sources import EVAL_SPLITS, ColumnMap, read_sources
+from data_prep.outputs import REPORT_NAME, OutputError, check_not_overlapping, check_output
+from data_prep.sources import EVAL_SPLITS, ColumnMap, holds_splits, read_sources
 from data_prep.tokenize import PairTokenizer, TokenizedPair, tokenizer_hash
+from data_prep.tokenizer_source import load_tokenizer
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 FEATURES = Features(
@@ -57,11 +66,17 @@ FEATURES = Features(
         "source_index": Value("int64"),
     }
 )
-REPORT_NAME = "prep_report.json"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (no usage block), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
+    parser = _OneLineParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--input",
         action="append",
@@ -92,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--eval_fraction", type=float, default=0.0, help="share of pairs held out for eval/")
     parser.add_argument("--eval_input", action="append", help="eval records from these files instead")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the eval split")
+    parser.add_argument("--seed", type=int, help="seed of the --eval_fraction split (default: 0)")
     parser.add_argument(
         "--num_shards", type=int, default=1, help="Arrow shards per split (at most one per pair)"
     )
@@ -110,28 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("use --eval_fraction or --eval_input, not both")
     if args.eval_split and not args.eval_input:
         parser.error("--eval_split needs --eval_input (the same folder or name as --input, for instance)")
+    if args.seed is not None and args.eval_fraction == 0:
+        parser.error("--seed only seeds the --eval_fraction split: without --eval_fraction it would do nothing")
+    if args.eval_fraction > 0 and args.seed is None:
+        args.seed = 0
     for name in ("num_shards", "num_proc", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
-
-
-def load_tokenizer(name_or_path: str, chat_template: Path | None) -> tuple[PreTrainedTokenizerBase, bool]:
-    """The tokenizer with `chat_template` applied, and whether a pad token (EOS) had to be set."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load tokenizer {name_or_path!r}: {error}") from error
-    if chat_template is not None:
-        try:
-            tokenizer.chat_template = chat_template.read_text()
-        except OSError as error:
-            raise InputError(f"cannot read chat template {chat_template}: {error}") from error
-    pad_added = tokenizer.pad_token is None
-    if pad_added:
-        # Training pads with this id but masks by length, so sharing the EOS id is harmless.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, pad_added
 
 
 _WORKER: PairTokenizer | None = None
@@ -253,40 +254,6 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def check_output(output: Path, *, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise InputError(f"{output} is not empty: pass --overwrite to replace it")
-
-
-@contextmanager
-def staged_output(output: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A fresh hidden sibling of `output` to write into; renamed to `output` only if the block succeeds.
-
-    On any failure the sibling is removed, so `output` is either absent, as it was, or complete.
-    """
-    output = output.absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output should look like any mkdir
-    try:
-        yield staging
-        check_output(output, overwrite=overwrite)
-        old = None
-        if output.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / "previous")
-        os.replace(staging, output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def write_split(path: Path, dataset: Dataset, num_shards: int) -> int:
     """Save one split in `min(num_shards, rows)` shards; returns the shard count."""
     shards = max(1, min(num_shards, len(dataset)))
@@ -295,18 +262,51 @@ def write_split(path: Path, dataset: Dataset, num_shards: int) -> int:
 
 
 def _read_split(
-    inputs: list[str], shape: str, skips: SkipLog, formats: dict[str, str], **source_options: object
+    inputs: list[str], shape: str, skips: SkipLog, formats: dict[str, str], skipped_folders: list[str],
+    **source_options: object,
 ) -> tuple[list[PreferencePair], int]:
     shape_or_none = None if shape == "auto" else shape
     result = read_sources(inputs, shape=shape_or_none, skips=skips, **source_options)  # type: ignore[arg-type]
     formats.update(result.formats)
+    skipped_folders += result.skipped_folders
     if result.records_read == 0:
         raise InputError(f"no records in {', '.join(inputs)}")
     return result.pairs, result.records_read
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole stage; returns the report that was written."""
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or touched, an output among the inputs and eval inputs among the train ones."""
+    inputs = {"--input": args.input, "--eval_input": args.eval_input or []}
+    if Path(args.tokenizer).expanduser().exists():
+        inputs["--tokenizer"] = [args.tokenizer]
+    if args.chat_template is not None:
+        inputs["--chat_template"] = [str(args.chat_template)]
+    check_not_overlapping(args.output, inputs)
+    for eval_name in args.eval_input or []:
+        eval_path = Path(eval_name).resolve()
+        for train_name in args.input:
+            train_path = Path(train_name).resolve()
+            if eval_path == train_path and holds_splits(train_name) and (
+                    args.eval_split is None or args.eval_split != args.input_split):
+                continue  # one dataset, two splits (train_prefs / test_prefs): the prompt overlap check still runs
+            if eval_path.is_relative_to(train_path) or train_path.is_relative_to(eval_path):
+                raise InputError(
+                    f"--eval_input {eval_name} overlaps --input {train_name}: the eval pairs would be training "
+                    "pairs; pass held-out files, or use --eval_fraction"
+                )
+
+
+def eval_prompts_in_train(train: list[TokenizedPair], evaluation: list[TokenizedPair]) -> int:
+    """How many eval pairs have a prompt (token ids) that some training pair has too."""
+    seen = {tuple(pair.prompt_ids) for pair in train}
+    return sum(tuple(pair.prompt_ids) in seen for pair in evaluation)
+
+
+def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
+    """The whole stage; returns the report that was written. Lines the user should see go to `notes`."""
+    notes = [] if notes is None else notes
+    check_paths(args)
+    notes += recover(args.output)
     check_output(args.output, overwrite=args.overwrite)
     tokenizer, pad_added = load_tokenizer(args.tokenizer, args.chat_template)
     pair_tokenizer = PairTokenizer(
@@ -315,12 +315,15 @@ def run(args: argparse.Namespace) -> dict:
     skips = SkipLog(strict=args.on_bad_record == "error")
     formats: dict[str, str] = {}
     columns = ColumnMap(args.prompt_column, args.chosen_column, args.rejected_column)
-    raw = {"train": _read_split(args.input, args.format, skips, formats, split=args.input_split, columns=columns)}
+    skipped_folders: list[str] = []
+    raw = {"train": _read_split(args.input, args.format, skips, formats, skipped_folders, split=args.input_split,
+                                columns=columns)}
     if args.eval_input:
         raw["eval"] = _read_split(
-            args.eval_input, args.format, skips, formats,
+            args.eval_input, args.format, skips, formats, skipped_folders,
             split=args.eval_split, default_splits=EVAL_SPLITS, columns=columns, desc="read eval",
         )
+    notes += [f"not read: {folder} (written by data_prep, not raw input)" for folder in skipped_folders]
     needs_template = any(pair.shape == "conversational" for pairs, _ in raw.values() for pair in pairs)
     if needs_template and not tokenizer.chat_template:
         raise InputError(
@@ -337,6 +340,14 @@ def run(args: argparse.Namespace) -> dict:
         splits["train"], splits["eval"] = split_eval(
             splits["train"], fraction=args.eval_fraction, seed=args.seed
         )
+    shared_prompts = eval_prompts_in_train(splits["train"], splits.get("eval", []))
+    if shared_prompts and shared_prompts == len(splits["eval"]):
+        raise InputError(
+            f"every eval prompt ({shared_prompts}) is also a training prompt: the --eval_input files repeat the "
+            "training data; pass held-out files, or use --eval_fraction"
+        )
+    if shared_prompts:
+        notes.append(f"warning: {shared_prompts} of {len(splits['eval'])} eval pairs have a training prompt")
     datasets = {name: to_dataset(pairs) for name, pairs in splits.items()}
     written = [pair for pairs in splits.values() for pair in pairs]
     report = {
@@ -369,17 +380,26 @@ def run(args: argparse.Namespace) -> dict:
         "columns": [*TOKEN_COLUMNS, "source_index"],
         "inputs": {"train": args.input, "eval": args.eval_input or []},
         "split": {"eval_fraction": args.eval_fraction, "seed": args.seed},
+        "eval_prompts_in_train": shared_prompts,
+        "skipped_folders": skipped_folders,
     }
-    with staged_output(args.output, overwrite=args.overwrite) as staging:
-        report["num_shards"] = {
-            name: write_split(staging / name, data, args.num_shards) for name, data in datasets.items()
-        }
-        tokenizer.save_pretrained(str(staging / "tokenizer"))
-        report["tokenizer"]["hash"] = tokenizer_hash(
-            AutoTokenizer.from_pretrained(str(staging / "tokenizer"))
-        )
-        # Written last: a directory with a report is complete even before the rename.
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+    def may_replace(output: Path) -> None:  # again at the rename: the folder may have changed meanwhile
+        check_output(output, overwrite=args.overwrite)
+
+    try:
+        with staged_folder(args.output, may_replace=may_replace) as staging:
+            report["num_shards"] = {
+                name: write_split(staging / name, data, args.num_shards) for name, data in datasets.items()
+            }
+            tokenizer.save_pretrained(str(staging / "tokenizer"))
+            report["tokenizer"]["hash"] = tokenizer_hash(
+                AutoTokenizer.from_pretrained(str(staging / "tokenizer"))
+            )
+            # Written last: a folder with a report is complete even before the rename.
+            write_text_atomic(staging / REPORT_NAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    except OSError as error:  # disk full, no permission: nothing was replaced, the staging folder is gone
+        raise OutputError(f"--output {args.output}: cannot write: {error}") from error
     return report
 
 
@@ -387,17 +407,26 @@ def _nonzero(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason}={count}" for reason, count in counts.items() if count) or "none"
 
 
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"data_prep: {note}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m data_prep --input PATH --tokenizer PATH --output DIR [options]`; returns the exit status."""
     args = parse_args(argv)
+    notes: list[str] = []
     try:
-        report = run(args)
+        report = run(args, notes)
     except BadRecordError as error:
+        _print_notes(notes)
         print(str(error).replace("\n", " "), file=sys.stderr)
         return 2
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (InputError, OutputError) as error:
+        _print_notes(notes)
+        print(f"error: {error}".replace("\n", " "), file=sys.stderr)
+        return 2
+    _print_notes(notes)
     written = report["pairs_written"]
     print(
         f"wrote {written['train']} train and {written['eval']} eval pairs to {args.output} "

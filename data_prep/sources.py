@@ -112,14 +112,17 @@ def read_sources(
     """
     if len({source for _, source in columns.pairs()}) < 3:
         raise InputError("--prompt_column, --chosen_column and --rejected_column must name three different columns")
-    sources = [source for name in inputs for source in open_input(name, split, default_splits, columns)]
+    skipped: list[Path] = []
+    sources = [source for name in inputs for source in open_input(name, split, default_splits, columns, skipped)]
     if split is not None and not any(source.has_splits for source in sources):
         flag = "--input_split" if default_splits == TRAIN_SPLITS else "--eval_split"
         raise InputError(f"{flag} {split}: none of the inputs has splits (files do not; dataset folders and names do)")
     table_rows = sum(source.rows or 0 for source in sources)
     with tqdm(total=table_rows, desc=desc, unit="row", disable=None if table_rows else True) as progress:
         streams = ((source.name, _counted(source, progress)) for source in sources)
-        return read_records(streams, shape=shape, skips=skips)
+        result = read_records(streams, shape=shape, skips=skips)
+    result.skipped_folders = [str(folder) for folder in skipped]
+    return result
 
 
 def _counted(source: Source, progress: tqdm) -> _Records:
@@ -137,8 +140,18 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
+def holds_splits(name: str) -> bool:
+    """Whether an --input names a dataset with splits (a save_to_disk or Parquet dataset folder, or a dataset name):
+    the same one may then serve as --input and --eval_input, with different splits."""
+    path = Path(name)
+    if path.is_dir():
+        return _is_saved_dataset(path) or _holds(path, (".parquet",))
+    return not path.exists() and bool(_DATASET_NAME.fullmatch(name))
+
+
 def open_input(
-    name: str, split: str | None, default_splits: tuple[str, ...], columns: ColumnMap
+    name: str, split: str | None, default_splits: tuple[str, ...], columns: ColumnMap,
+    skipped_folders: list[Path] | None = None,
 ) -> list[Source]:
     """The sources of one `--input`, in reading order (see the module docstring for what an input is)."""
     path = Path(name)
@@ -152,7 +165,8 @@ def open_input(
         return parquet_folder_sources(path, split, default_splits, columns)
     if not path.exists() and _DATASET_NAME.fullmatch(name) and not name.endswith((*INPUT_SUFFIXES, ".parquet")):
         return [named_dataset_source(name, split, default_splits, columns)]
-    return [Source(str(file), None, _json_opener(file, columns)) for file in expand_inputs([name])]
+    files = expand_inputs([name], skipped_folders=skipped_folders)
+    return [Source(str(file), None, _json_opener(file, columns)) for file in files]
 
 
 def _json_opener(path: Path, columns: ColumnMap) -> Callable[[], _Records]:

@@ -25,6 +25,10 @@ or duplicated; such pairs are counted as `boundary_adjusted`. Example (byte-leve
     prompt "Say hel", chosen "lo world"  ->  prompt tokens [Say, Ġhe, l], full [Say, Ġhello, Ġwor, ld]
     ->  prompt_ids [BOS, Say], chosen_ids [Ġhello, Ġwor, ld, EOS]
 
+Failures. A record the chat template rejects (its `raise_exception`, or any error while rendering) is a
+`template_error`; a text the tokenizer cannot encode is a `tokenizer_error`: both are `BadRecord`s of that record
+alone (a failing batch is re-encoded pair by pair to find it), never the end of the run.
+
 Truncation. The prompt is cut from the left to `max_prompt_length` (keeping its BOS, then its last tokens);
 then each response is cut from the right so that prompt + response <= `max_length`. A cut response still ends
 in EOS (its last kept token is replaced), so every response ends in exactly one EOS. A pair whose responses
@@ -90,6 +94,12 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
         "special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _one_line(error: Exception) -> str:
+    """`Type: message`, first line only and at most 200 characters, for a `BadRecord` detail."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -216,14 +226,44 @@ class PairTokenizer:
             return [encoding.ids for encoding in self._encode_fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def __call__(self, pairs: list[PreferencePair]) -> list[TokenizedPair | BadRecord]:
-        rendered = [self.render(pair) for pair in pairs]
+    def encode_triples(self, rendered: list[tuple[str, str, str]]) -> list[tuple[list[int], list[int], list[int]]]:
         if self.fast_encoder is not None:
-            encoded = self.fast_encoder.encode(rendered)
-        else:
-            ids = self.encode([text for texts in rendered for text in texts])
-            encoded = [(ids[3 * number], ids[3 * number + 1], ids[3 * number + 2]) for number in range(len(pairs))]
-        return [self._one(pair, *triple) for pair, triple in zip(pairs, encoded)]
+            return self.fast_encoder.encode(rendered)
+        ids = self.encode([text for texts in rendered for text in texts])
+        return [(ids[3 * number], ids[3 * number + 1], ids[3 * number + 2]) for number in range(len(rendered))]
+
+    def __call__(self, pairs: list[PreferencePair]) -> list[TokenizedPair | BadRecord]:
+        rendered = [self._render_or_bad(pair) for pair in pairs]
+        todo = [number for number, texts in enumerate(rendered) if not isinstance(texts, BadRecord)]
+        triples: list[tuple[str, str, str]] = [rendered[number] for number in todo]  # type: ignore[misc]
+        try:
+            encoded: list = self.encode_triples(triples)
+        except MemoryError:
+            raise
+        except Exception:  # one text the tokenizer refuses fails the whole batch: find it, one pair at a time
+            encoded = [self._encode_or_bad(pairs[number], texts) for number, texts in zip(todo, triples)]
+        results: list[TokenizedPair | BadRecord] = list(rendered)  # type: ignore[arg-type]
+        for number, triple in zip(todo, encoded):
+            results[number] = triple if isinstance(triple, BadRecord) else self._one(pairs[number], *triple)
+        return results
+
+    def _render_or_bad(self, pair: PreferencePair) -> tuple[str, str, str] | BadRecord:
+        try:
+            return self.render(pair)
+        except (InputError, MemoryError):
+            raise
+        except Exception as error:  # jinja2's TemplateError (the template's raise_exception) and any other
+            return BadRecord(pair.location, Reason.TEMPLATE_ERROR, _one_line(error))
+
+    def _encode_or_bad(
+        self, pair: PreferencePair, texts: tuple[str, str, str]
+    ) -> tuple[list[int], list[int], list[int]] | BadRecord:
+        try:
+            return self.encode_triples([texts])[0]
+        except MemoryError:
+            raise
+        except Exception as error:
+            return BadRecord(pair.location, Reason.TOKENIZER_ERROR, _one_line(error))
 
     def _one(
         self, pair: PreferencePair, prompt: list[int], chosen: list[int], rejected: list[int]

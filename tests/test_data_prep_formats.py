@@ -288,3 +288,137 @@ def test_strict_skip_log_raises_on_the_first_bad_record(tmp_path: Path) -> None:
         read_inputs([str(path)], shape=None, skips=SkipLog(strict=True))
     assert caught.value.bad.location == f"{path}:2" and caught.value.bad.reason == Reason.MISSING_FIELD
     assert str(caught.value) == f"{path}:2: missing_field: no 'rejected'"
+
+
+# ---------------------------------------------------------------- hostile records: skipped and counted, never a crash
+
+
+def _counts(skips: SkipLog) -> dict[str, int]:
+    return {reason: count for reason, count in skips.counts.items() if count}
+
+
+def test_deeply_nested_record_is_invalid_json_in_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    deep = '{"prompt": "a", "chosen": " b", "rejected": " c", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path.write_text("\n".join([json.dumps(EXPLICIT), deep, json.dumps(EXPLICIT)]) + "\n")
+    pairs, skips, _ = _read([path])
+    assert [pair.location for pair in pairs] == [f"{path}:1", f"{path}:3"]
+    assert _counts(skips) == {"invalid_json": 1} and skips.examples["invalid_json"] == [f"{path}:2"]
+
+
+def test_deeply_nested_element_of_a_json_array_is_skipped_and_the_rest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    # The deep element holds brackets inside a string and an escaped quote: the scan must not count them.
+    deep = '{"x": "]]\\"[", "y": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    path.write_text("[\n" + json.dumps(EXPLICIT) + ",\n" + deep + ",\n" + json.dumps(EXPLICIT) + "\n]\n")
+    pairs, skips, _ = _read([path])
+    assert [pair.location for pair in pairs] == [f"{path}:2", f"{path}:4"]
+    assert _counts(skips) == {"invalid_json": 1} and skips.examples["invalid_json"] == [f"{path}:3"]
+
+
+def test_a_number_too_long_to_convert_is_invalid_json(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    long_number = '{"prompt": "a", "chosen": " b", "rejected": " c", "n": ' + "9" * 5000 + "}"
+    path.write_text(json.dumps(EXPLICIT) + "\n" + long_number + "\n")
+    pairs, skips, _ = _read([path])
+    assert len(pairs) == 1 and _counts(skips) == {"invalid_json": 1}
+    array = tmp_path / "b.json"
+    array.write_text("[" + json.dumps(EXPLICIT) + ", " + "9" * 5000 + ", " + json.dumps(EXPLICIT) + "]")
+    pairs, skips, _ = _read([array])
+    assert len(pairs) == 2 and _counts(skips) == {"invalid_json": 1}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": "Say \ud800", "chosen": " yes", "rejected": " no"},
+        {"prompt": "Say", "chosen": " yes \udfff", "rejected": " no"},
+        {"chosen": [_user("Hi"), _assistant("yes\ud800")], "rejected": [_user("Hi"), _assistant("no")]},
+        {
+            "chosen": [{"role": "us\udc80er", "content": "Hi"}, _assistant("yes")],
+            "rejected": [{"role": "us\udc80er", "content": "Hi"}, _assistant("no")],
+        },
+    ],
+)
+def test_a_lone_surrogate_escape_is_invalid_unicode(tmp_path: Path, record: dict) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(record) + "\n")  # json.dumps writes the lone surrogate as a "\udXXX" escape
+    assert "\\ud" in path.read_text()
+    pairs, skips, _ = _read([path])
+    assert pairs == [] and _counts(skips) == {"invalid_unicode": 1}
+
+
+def test_a_surrogate_pair_escape_is_ordinary_text(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "a.jsonl", [{"prompt": "Smile \U0001F600", "chosen": " yes", "rejected": " no"}])
+    assert "\\ud83d\\ude00" in path.read_text()
+    pairs, skips, _ = _read([path])
+    assert [pair.prompt for pair in pairs] == ["Smile \U0001F600"] and skips.total == 0
+
+
+# ---------------------------------------------------------------- shape detection is not decided by a bad record
+
+
+def test_a_null_prompt_first_does_not_make_an_explicit_file_mixed(tmp_path: Path) -> None:
+    others = [{"prompt": f"Q{n}", "chosen": " yes", "rejected": " no"} for n in range(3)]
+    path = _jsonl(tmp_path / "a.jsonl", [{"prompt": None, "chosen": "a b", "rejected": "a c"}, *others])
+    pairs, skips, formats = _read([path])
+    assert formats == {str(path): "explicit"}
+    assert [pair.prompt for pair in pairs] == ["Q0", "Q1", "Q2"] and [pair.index for pair in pairs] == [1, 2, 3]
+    assert _counts(skips) == {"missing_field": 1} and skips.examples["missing_field"] == [f"{path}:1"]
+
+
+def test_a_bad_first_record_does_not_decide_the_shape(tmp_path: Path) -> None:
+    implicit = {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}
+    bad_explicit = {"prompt": "Q", "chosen": "", "rejected": " no"}  # explicit, but empty: must not decide
+    path = _jsonl(tmp_path / "a.jsonl", [bad_explicit, implicit, implicit])
+    pairs, skips, formats = _read([path])
+    assert formats == {str(path): "implicit"} and len(pairs) == 2
+    assert _counts(skips) == {"mixed_shapes": 1} and skips.examples["mixed_shapes"] == [f"{path}:1"]
+
+
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize("other", [EXPLICIT, {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+def test_a_prompt_of_the_wrong_type_is_wrong_type_wherever_it_stands(
+    tmp_path: Path, position: int, other: dict
+) -> None:
+    records = [other, other]
+    records.insert(position, {"prompt": 7, "chosen": " yes", "rejected": " no"})
+    path = _jsonl(tmp_path / "a.jsonl", records)
+    pairs, skips, _ = _read([path])
+    assert len(pairs) == 2
+    assert _counts(skips) == {"wrong_type": 1} and skips.examples["wrong_type"] == [f"{path}:{position + 1}"]
+
+
+def test_null_prompts_throughout_are_an_implicit_file(tmp_path: Path) -> None:
+    record = {"prompt": None, "chosen": HH_CHOSEN, "rejected": HH_REJECTED}
+    path = _jsonl(tmp_path / "a.jsonl", [record, record])
+    pairs, skips, formats = _read([path])
+    assert formats == {str(path): "implicit"} and skips.total == 0
+    assert [pair.prompt for pair in pairs] == ["\n\nHuman: Hi\n\nAssistant:"] * 2
+
+
+def test_strict_mode_stops_at_the_first_bad_record_even_while_the_shape_is_undecided(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "a.jsonl", [{"prompt": None, "chosen": "a b", "rejected": "a c"}, EXPLICIT, {"x": 1}])
+    with pytest.raises(BadRecordError) as raised:
+        read_inputs([str(path)], shape=None, skips=SkipLog(strict=True))
+    assert raised.value.bad.location == f"{path}:1" and raised.value.bad.reason == Reason.MISSING_FIELD
+
+
+# ---------------------------------------------------------------- inputs skip data_prep's own folders
+
+
+def test_folders_written_by_data_prep_are_not_searched(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    raw = _jsonl(tmp_path / "data" / "raw.jsonl", [EXPLICIT])
+    output = tmp_path / "data" / "prepped"
+    (output / "train").mkdir(parents=True)
+    (output / "prep_report.json").write_text("{}")
+    (output / "train" / "state.json").write_text('{"x": 1}')
+    staging = tmp_path / "data" / ".prepped.tmp-123@host-abcd1234"
+    staging.mkdir()
+    _jsonl(staging / "junk.jsonl", [EXPLICIT])
+    skipped: list[Path] = []
+    assert expand_inputs([str(tmp_path / "data")], skipped_folders=skipped) == [raw]
+    assert sorted(skipped) == sorted([output, staging])
+    with pytest.raises(InputError, match="a data_prep output, not raw input"):
+        expand_inputs([str(output)])

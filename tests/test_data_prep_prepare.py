@@ -154,7 +154,7 @@ def test_chat_template_file_overrides_and_no_template_is_an_error(
         "rejected": [{"role": "assistant", "content": "no"}],
     }
     data = _write_jsonl(tmp_path / "chat.jsonl", [record])
-    assert _run(tmp_path / "bare", tmp_path / "out", data) == 1
+    assert _run(tmp_path / "bare", tmp_path / "out", data) == 2
     assert "chat template" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -174,6 +174,23 @@ def test_chat_template_file_overrides_and_no_template_is_an_error(
 
 # reason -> (file name, lines; the bad record is the last line), extra CLI args. Each file also holds GOOD.
 GOOD_LINE = json.dumps(GOOD).encode()
+_USER_HI = {"role": "user", "content": "Hi"}
+GOOD_CHAT_LINE = json.dumps(
+    {
+        "chosen": [_USER_HI, {"role": "assistant", "content": "yes"}],
+        "rejected": [_USER_HI, {"role": "assistant", "content": "no"}],
+    }
+).encode()
+# Chat templates for the template_error and tokenizer_error cases (named "@name" in a case's CLI args): the
+# fixture's ChatML-like template, one refusing system messages, one that writes a lone surrogate for "!".
+_TURN = "<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n"
+_GENERATION = "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+TEMPLATES = {
+    "no_system": "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+    "{% endif %}" + _TURN + "{% endfor %}" + _GENERATION,
+    "bang_to_surrogate": "{% for m in messages %}" + _TURN.replace("}}</s>", "| replace('!', '\\ud800') }}</s>")
+    + "{% endfor %}" + _GENERATION,
+}
 BAD_CASES: dict[str, tuple[str, list[bytes], tuple[str, ...]]] = {
     "invalid_json": ("a.jsonl", [GOOD_LINE, b'{"prompt": "a",'], ()),
     "not_an_object": ("a.jsonl", [GOOD_LINE, b"[1, 2]"], ()),
@@ -203,6 +220,21 @@ BAD_CASES: dict[str, tuple[str, list[bytes], tuple[str, ...]]] = {
         [GOOD_LINE, b'{"prompt": "Say", "chosen": " hello world", "rejected": " hello there"}'],
         ("--max_length", "4", "--max_prompt_length", "2"),
     ),
+    "invalid_unicode": ("a.jsonl", [GOOD_LINE, b'{"prompt": "a\\ud800", "chosen": " b", "rejected": " c"}'], ()),
+    "template_error": (
+        "a.jsonl",
+        [
+            GOOD_CHAT_LINE,
+            b'{"prompt": [{"role": "system", "content": "Be brief"}], "chosen": [{"role": "assistant", '
+            b'"content": "yes"}], "rejected": [{"role": "assistant", "content": "no"}]}',
+        ],
+        ("--chat_template", "@no_system"),
+    ),
+    "tokenizer_error": (
+        "a.jsonl",
+        [GOOD_CHAT_LINE, GOOD_CHAT_LINE.replace(b'"no"', b'"no!"')],
+        ("--chat_template", "@bang_to_surrogate"),
+    ),
 }
 
 
@@ -217,7 +249,14 @@ def _bad_input(tmp_path: Path, reason: str) -> tuple[list[Path], str, tuple[str,
     inputs = [bad]
     if name.endswith(".json"):  # the whole file is the bad record: the good one lives beside it
         inputs.append(_write_jsonl(tmp_path / "good.jsonl", [GOOD]))
+    extra = tuple(_template_file(tmp_path, arg[1:]) if arg.startswith("@") else arg for arg in extra)
     return inputs, f"{bad}:{len(lines)}", extra
+
+
+def _template_file(folder: Path, name: str) -> str:
+    path = folder / f"{name}.jinja"
+    path.write_text(TEMPLATES[name])
+    return str(path)
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_CASES))
@@ -288,7 +327,7 @@ def test_empty_or_useless_input_is_an_error(
 ) -> None:
     data = tmp_path / ("a.jsonl.gz" if content.startswith(b"\x1f\x8b") else "a.jsonl")
     data.write_bytes(content)
-    assert _run(tokenizer_dir, tmp_path / "out", data) == 1
+    assert _run(tokenizer_dir, tmp_path / "out", data) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -400,9 +439,14 @@ def test_non_empty_output_is_refused_without_overwrite(
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
-    assert _run(tokenizer_dir, output, data) == 1
-    assert "--overwrite" in capsys.readouterr().err
+    assert _run(tokenizer_dir, output, data) == 2
+    assert "data_prep did not write (keep.txt)" in capsys.readouterr().err
+    assert _run(tokenizer_dir, output, data, extra=("--overwrite",)) == 2  # not ours: never replaced
     assert [path.name for path in output.iterdir()] == ["keep.txt"]
+    (output / "keep.txt").unlink()
+    assert _run(tokenizer_dir, output, data) == 0
+    assert _run(tokenizer_dir, output, data) == 2  # our own previous output: replaced only with --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
     assert _run(tokenizer_dir, output, data, extra=("--overwrite",)) == 0
     assert sorted(path.name for path in output.iterdir()) == ["prep_report.json", "tokenizer", "train"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jsonl", "out"]  # no temporary left behind

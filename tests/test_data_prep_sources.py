@@ -149,11 +149,11 @@ def test_ambiguous_or_unknown_splits_and_missing_columns_are_one_line_errors(
         ((folder,), ("--input_split", "alpha", "--chosen_column", "good"), "no column 'good' (columns: prompt,"),
     ]
     for inputs, extra, message in cases:
-        assert prep(tokenizer_dir, tmp_path / "out", *inputs, extra=extra) == 1
+        assert prep(tokenizer_dir, tmp_path / "out", *inputs, extra=extra) == 2  # a user error: one line, exit 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     write_jsonl(folder / "data" / "more.jsonl", [])
-    assert prep(tokenizer_dir, tmp_path / "out", folder, extra=("--input_split", "alpha")) == 1
+    assert prep(tokenizer_dir, tmp_path / "out", folder, extra=("--input_split", "alpha")) == 2
     assert "holds both .parquet and JSON files" in capsys.readouterr().err
 
 
@@ -358,7 +358,7 @@ def test_a_dataset_name_loads_from_the_local_cache_offline(
     assert report(tmp_path / "sliced")["records_read"] == 2
 
     started = time.monotonic()
-    assert prep(tokenizer_dir, tmp_path / "missing", "someorg/not_cached") == 1
+    assert prep(tokenizer_dir, tmp_path / "missing", "someorg/not_cached") == 2
     assert time.monotonic() - started < 20
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: someorg/not_cached: no such file or directory, and datasets.load_dataset cannot")
