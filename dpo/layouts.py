@@ -21,6 +21,7 @@ default falls back and says why, an explicit request that cannot be honoured is 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -272,6 +273,7 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
 
     All models must read the same masks: when their attention specs differ, only the padded layout (where each
     model builds its own) is used."""
+    started = time.perf_counter()
     candidates, explicit = candidate_layouts(layout, prefix_sharing)
     specs = [attention_spec(_config_of(m)) for m in models]
     spec = specs[0]
@@ -306,7 +308,8 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
         what = "; ".join(f"{c.name}: {why}" for c, why in rejected)
         raise LayoutError(f"layout {candidates[0].name} is not exact for this model: {what}. Use --layout auto "
                           f"(the fastest exact layout) or --layout padded --prefix_sharing false")
-    return LayoutChoice(layout=chosen, attention=spec, message=_message(chosen, rejected, spec, explicit))
+    message = _message(chosen, rejected, spec, explicit) + f" [probe {time.perf_counter() - started:.2f} s]"
+    return LayoutChoice(layout=chosen, attention=spec, message=message)
 
 
 def _message(chosen: Layout, rejected: list[tuple[Layout, str]], spec: AttentionSpec, explicit: bool) -> str:

@@ -198,8 +198,9 @@ class Runs:
               data: Path | None = None) -> Path:
         if name not in self.cache:
             out = self.root / name
-            run_launch(launch_cmd(config, self.args(out, "--batch_size", str(batch_size), *extra, data=data),
-                                  num_processes=num_processes, port=free_port()))
+            log = run_launch(launch_cmd(config, self.args(out, "--batch_size", str(batch_size), *extra, data=data),
+                                        num_processes=num_processes, port=free_port()))
+            (self.root / f"{name}.log").write_text(log)
             self.cache[name] = out
         return self.cache[name]
 
@@ -294,6 +295,8 @@ def test_zero3_lora_saves_only_an_adapter_that_reloads(runs: Runs) -> None:
     train(load_config(runs.args(single, "--batch_size", "4", *lora)))  # in this process: one launch fewer
     zero3 = runs.train("lora_zero3", "zero3", *lora)
     assert_same_trajectory(zero3, single)
+    # The layout probe ran through the sharded LoRA engine on both ranks and kept the fastest layout.
+    assert "[dpo] layout: packed with prefix sharing (checked" in (runs.root / "lora_zero3.log").read_text()
     final = zero3 / "final"
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
     adapter = load_weights(final)
