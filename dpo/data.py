@@ -8,7 +8,7 @@ predict. Per-sequence log-probs are then a scatter-add over positions, whatever 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class PreferenceBatch:
     num_tokens: int
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         def move(t: Any) -> Any:
@@ -67,7 +66,6 @@ class PreferenceBatch:
             num_tokens=self.num_tokens,
             ref_chosen_logps=move(self.ref_chosen_logps),
             ref_rejected_logps=move(self.ref_rejected_logps),
-            extras=self.extras,
         )
 
 

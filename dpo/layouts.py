@@ -109,17 +109,25 @@ def candidate_layouts(layout: str, prefix_sharing: bool | None) -> tuple[list[La
 # ------------------------------------------------------------------------------------------------ the probe
 
 
-def longest_sequence(*splits: datasets.Dataset | None) -> int:
-    """Tokens of the longest prompt + answer in the data (what windows and chunks can ever see of it)."""
-    longest = 0
+@dataclass(frozen=True)
+class DataShape:
+    """What the layout choice needs to know of the data."""
+
+    longest: int  # tokens of the longest prompt + answer (what windows and chunks can ever see of it)
+    empty_prompts: bool  # a pair with no prompt token cannot be shared (its first answer token has no predictor)
+
+
+def data_shape(*splits: datasets.Dataset | None) -> DataShape:
+    longest, empty = 0, False
     for split in splits:
         if split is None or len(split) == 0:
             continue
         prompt = pc.list_value_length(split.data.column("prompt_ids"))
+        empty = empty or pc.min(prompt).as_py() == 0
         for key in ("chosen_ids", "rejected_ids"):
             answer = pc.list_value_length(split.data.column(key))
             longest = max(longest, pc.max(pc.add(prompt, answer)).as_py() or 0)
-    return longest
+    return DataShape(longest=longest, empty_prompts=empty)
 
 
 def probe_prompt_length(spec: AttentionSpec, *, max_positions: int | None, longest: int | None) -> int:
@@ -267,7 +275,7 @@ def static_reason(spec: AttentionSpec, layout: Layout) -> str | None:
 
 def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_sharing: bool | None,
                   pad_token_id: int, max_tokens_per_row: int, precise: bool, longest: int | None = None,
-                  reduce_max: Callable[[float], float] = lambda x: x) -> LayoutChoice:
+                  empty_prompts: bool = False, reduce_max: Callable[[float], float] = lambda x: x) -> LayoutChoice:
     """The fastest allowed layout that is exact on every model that will see the batches (the policy, and a
     frozen reference of another architecture). Raises LayoutError when an explicit request cannot be honoured.
 
@@ -283,6 +291,10 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
         reason = "the reference model's attention differs from the policy's"
         rejected += [(c, reason) for c in remaining if c != PADDED]
         remaining = [c for c in remaining if c == PADDED]
+    if empty_prompts:
+        reason = "some pairs have an empty prompt (nothing predicts their first answer token in a shared row)"
+        rejected += [(c, reason) for c in remaining if c.shared]
+        remaining = [c for c in remaining if not c.shared]
     for candidate in list(remaining):
         reason = static_reason(spec, candidate)
         if reason:
@@ -325,7 +337,7 @@ def _message(chosen: Layout, rejected: list[tuple[Layout, str]], spec: Attention
 
 
 def choose_run_layout(models: Sequence[torch.nn.Module], cfg: TrainConfig, accelerator: Any, *, pad_token_id: int,
-                      longest: int | None) -> LayoutChoice:
+                      data: DataShape) -> LayoutChoice:
     """`choose_layout` for a run: the config's request, the run's precision, every process deciding alike."""
 
     def reduce_max(value: float) -> float:
@@ -338,5 +350,5 @@ def choose_run_layout(models: Sequence[torch.nn.Module], cfg: TrainConfig, accel
     fp32_weights = all(next(m.parameters()).dtype == torch.float32 for m in models)
     return choose_layout(models, layout=cfg.layout, prefix_sharing=cfg.prefix_sharing, pad_token_id=pad_token_id,
                          max_tokens_per_row=cfg.max_tokens_per_row,
-                         precise=fp32_weights and cfg.mixed_precision == "no", longest=longest,
-                         reduce_max=reduce_max)
+                         precise=fp32_weights and cfg.mixed_precision == "no", longest=data.longest,
+                         empty_prompts=data.empty_prompts, reduce_max=reduce_max)

@@ -34,7 +34,7 @@ import torch
 
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.data import REF_COLUMNS, REQUIRED_COLUMNS, eval_micro_batches, has_ref_columns, load_split
-from dpo.layouts import LayoutError, choose_run_layout, longest_sequence, make_collate
+from dpo.layouts import LayoutError, choose_run_layout, data_shape, make_collate
 
 FINGERPRINT_FILE = "precomputed_ref.json"
 SPLITS = ("train", "eval")
@@ -242,7 +242,7 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     reference = build_reference("model", cfg, accelerator)  # exactly training's on-the-fly reference
     present = [load_split(cfg.data_path, s) for s in splits]
     choice = choose_run_layout([reference.model], cfg, accelerator, pad_token_id=pad_id,
-                               longest=longest_sequence(*present))
+                               data=data_shape(*present))
     log(choice.message.replace("[dpo]", "[precompute_ref]", 1))
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
                            attention=choice.attention)

@@ -35,7 +35,7 @@ from dpo.data import (
     train_micro_batches,
 )
 from dpo.distributed import build_accelerator
-from dpo.layouts import LayoutError, choose_run_layout, longest_sequence, make_collate
+from dpo.layouts import LayoutError, choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.losses import preference_loss
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # ---- layout: the fastest one that a probe of these very models proves exact (dpo/layouts.py)
     probed = [policy] + ([reference.model] if reference.model is not None else [])
     choice = choose_run_layout(probed, cfg, accelerator, pad_token_id=pad_id,
-                               longest=longest_sequence(train_ds, eval_ds))
+                               data=data_shape(train_ds, eval_ds))
     log(choice.message)
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
                            attention=choice.attention)

@@ -347,3 +347,18 @@ def test_an_explicit_layout_that_cannot_be_exact_exits_2_with_one_line(tmp_path)
     assert len(lines) == 1 and "Traceback" not in run.stderr
     assert "packed with prefix sharing" in lines[0] and "MptForCausalLM" in lines[0] and "nats" in lines[0]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_data_shape_and_pairs_without_a_prompt_are_never_shared():
+    import datasets
+
+    from dpo.layouts import data_shape
+
+    rows = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2]},
+            {"prompt_ids": [], "chosen_ids": [7, 2], "rejected_ids": [2]}]
+    shape = data_shape(datasets.Dataset.from_list(rows[:1]), None, datasets.Dataset.from_list(rows))
+    assert shape.longest == 3 + 4 and shape.empty_prompts
+    assert not data_shape(datasets.Dataset.from_list(rows[:1])).empty_prompts
+    choice = choose_layout([build("llama")], layout="auto", prefix_sharing=None, pad_token_id=0,
+                           max_tokens_per_row=2048, precise=True, empty_prompts=True)
+    assert choice.layout == PACKED and "empty prompt" in choice.message
