@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import trl  # noqa: F401
         except ImportError:
-            print("dpo.bench: --vs-trl needs trl: pip install 'dpo-pipeline[bench]' (or pip install trl)",
+            print("dpo.bench: --vs-trl needs trl: pip install -e '.[bench]' from the clone (or pip install trl)",
                   file=sys.stderr)
             return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
