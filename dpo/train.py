@@ -26,6 +26,7 @@ from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
 from dpo.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from dpo.config_help import format_help, wants_help
 from dpo.data import (
     PreferenceBatch,
     eval_micro_batches,
@@ -79,7 +80,7 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collate: Any, cfg: TrainConfig,
              accelerator: Any, *, unwrapped_policy: Any) -> dict[str, float]:
-    """Loss, rewards, preference accuracy and kl over every eval pair exactly once (all processes)."""
+    """Loss, rewards, preference accuracy and log-ratio over every eval pair exactly once (all processes)."""
     policy.eval()
     acc = MetricAccumulator(accelerator.device)
     batches = eval_micro_batches(len(dataset), batch_size=cfg.eval_batch_size or cfg.batch_size,
@@ -136,6 +137,10 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(format_help("python -m dpo.train", __doc__.split("\n\n")[0]), end="")
+        return 0
     try:
         cfg = load_config(argv)
     except ConfigError as exc:
@@ -269,7 +274,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
             step_metrics["epoch"] = state.step / steps_per_epoch
             progress.update(1)
-            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}")
+            # refresh=False: the redraw waits for tqdm's mininterval instead of happening on every step.
+            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
+                                 refresh=False)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 writer.write(state.step, "train", step_metrics)
             if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
@@ -302,11 +309,11 @@ def step_not_applied(accelerator: Any) -> str:
 
 def update_early_stopping(state: ckpt.TrainerState, metrics: dict[str, float], cfg: TrainConfig, log: Any) -> None:
     """Track the best eval loss; stop after `early_stopping_patience` evaluations without an improvement of more
-    than `early_stopping_min_delta`. Also warns when kl exceeds `max_kl`."""
-    kl = metrics.get("kl", math.nan)
-    if cfg.max_kl is not None and math.isfinite(kl) and kl > cfg.max_kl:
-        log(f"[dpo] warning: eval kl {kl:.4f} exceeds max_kl {cfg.max_kl} at step {state.step}: the policy is "
-            f"drifting from the reference (lower the learning rate or raise beta)")
+    than `early_stopping_min_delta`. Also warns when |logratio/chosen| exceeds `max_logratio`."""
+    logratio = metrics.get("logratio/chosen", math.nan)
+    if cfg.max_logratio is not None and math.isfinite(logratio) and abs(logratio) > cfg.max_logratio:
+        log(f"[dpo] warning: eval logratio/chosen {logratio:.4f} is beyond ±max_logratio {cfg.max_logratio} at step "
+            f"{state.step}: the policy is drifting from the reference (lower the learning rate or raise beta)")
     loss = metrics["loss"]
     if state.best_eval_loss is None or loss < state.best_eval_loss - cfg.early_stopping_min_delta:
         state.best_eval_loss = loss
