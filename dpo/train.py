@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
@@ -41,6 +40,7 @@ from dpo.logprobs import sequence_logps
 from dpo.losses import preference_loss
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
+from dpo.progress import progress_bar
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 
 
@@ -235,8 +235,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # ---- the loop
     accumulator = MetricAccumulator(accelerator.device)
     # Redirected to a log file (clusters, CI), redraw at most every 30 s rather than 10 times a second.
-    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
-                    desc="dpo", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    progress = progress_bar(total=total_steps, initial=state.step, enabled=accelerator.is_main_process)
     step_start = time.perf_counter()
     last_eval: dict[str, float] = {}
     while state.step < total_steps and not state.stopped_early:

@@ -41,3 +41,29 @@ def test_redirected_run_writes_few_progress_lines_and_no_deepspeed_warning(tmp_p
     assert 2 <= len(redraws) <= 2 + int(elapsed // 30), redraws
     for text in (stdout, stderr):
         assert "Setting accelerator to CPU" not in text and "[WARNING]" not in text
+
+
+def test_progress_bar_waits_its_interval_when_not_a_terminal(tmp_path):
+    """The bar's own clocks, at a 1 s scale: with per-step set_postfix(refresh=False) as the loop does, a
+    redirected bar redraws once at the start, at most once per interval, and once at the end. tqdm's monitor thread
+    (which forced a redraw 10 s after each one in the demo's log) acts only on bars with adaptive miniters: this one
+    has none."""
+    from dpo.progress import LOG_INTERVAL_S, progress_bar
+
+    with open(tmp_path / "default.log", "w") as log:
+        bar = progress_bar(total=10, initial=0, enabled=True, file=log)
+        assert bar.mininterval == LOG_INTERVAL_S == 30.0 and bar.miniters == 1 and not bar.dynamic_miniters
+        bar.close()
+    with open(tmp_path / "bar.log", "w") as log:
+        bar = progress_bar(total=10_000, initial=0, enabled=True, file=log, log_interval_s=1.0)
+        start = time.monotonic()
+        steps = 0
+        while time.monotonic() - start < 3.2:
+            bar.update(1)
+            bar.set_postfix(loss=f"{steps:.4f}", refresh=False)
+            steps += 1
+            time.sleep(0.01)
+        elapsed = time.monotonic() - start
+        bar.close()
+    redraws = [seg for seg in re.split(r"[\r\n]", (tmp_path / "bar.log").read_text()) if seg.startswith("dpo:")]
+    assert steps > 50 and 3 <= len(redraws) <= 2 + int(elapsed), (steps, elapsed, redraws)
