@@ -96,13 +96,13 @@ case "$cmd" in
     for arg in "$@"; do
       if [ "$arg" = --quick ]; then quick=1; else args+=("$arg"); fi
     done
-    ensure_installed test "pytest hypothesis flake8 isort matplotlib"
     if [ $quick = 1 ]; then
       say "quick tests: every module, no distributed or slow tests; under 3 minutes on 2 CPU cores"
       args=(-m "not distributed and not slow" ${args[@]+"${args[@]}"})
     else
-      say "full test suite: about 14 minutes on 2 CPU cores (./launch.sh test --quick: under 3)"
+      say "the full test suite takes about 14 minutes on 2 CPU cores (./launch.sh test --quick: under 3)"
     fi
+    ensure_installed test "pytest hypothesis flake8 isort matplotlib"
     "$PYTHON" -m flake8 dpo data_prep tests benchmarks
     "$PYTHON" -m isort --check-only --diff dpo data_prep tests benchmarks
     exec "$PYTHON" -m pytest ${args[@]+"${args[@]}"}

@@ -163,6 +163,7 @@ def test_greedy_answers_batched_equal_one_by_one(tiny):
 # -------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # the demo end to end through launch.sh
 def test_launch_demo_quick(tmp_path):
     """`./launch.sh demo` in its reduced form: every stage runs, every output is left, DPO helps on held-out pairs."""
     out = tmp_path / "demo"

@@ -4,6 +4,7 @@ DPO_LAUNCH_DRY_RUN=1 it prints the pip commands instead of running them; the int
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -77,3 +78,30 @@ def test_a_gpu_machine_gets_the_default_cuda_build(empty_python, tmp_path):
     err = launch("prep", "--help", env=dry_run_env(empty_python, [str(fake_bin)])).stderr
     assert f"would run: {empty_python} -m pip install torch==2.13.0\n" in err
     assert "--index-url" not in err and "multi-GB download" in err
+
+
+def test_readme_install_commands_are_the_ones_launch_sh_runs(empty_python, tmp_path):
+    """The README's Install table shows, for a CPU-only and a GPU machine, the torch command launch.sh would run."""
+    readme = (ROOT / "README.md").read_text()
+    cpu_plan = launch("prep", "--help", env=dry_run_env(empty_python, [])).stderr
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    gpu_plan = launch("prep", "--help", env=dry_run_env(empty_python, [str(fake_bin)])).stderr
+    for plan in (cpu_plan, gpu_plan):
+        torch_cmd = re.search(rf"would run: {re.escape(empty_python)} -m (pip install torch\S*( .*)?)\n", plan)
+        assert torch_cmd and f"`{torch_cmd.group(1)}`" in readme, torch_cmd
+
+
+@pytest.mark.slow
+def test_quick_leaves_out_distributed_and_slow_tests_and_says_how_long():
+    """`./launch.sh test --quick` lints, states its duration, then selects with the markers (collected only)."""
+    done = launch("test", "--quick", "--collect-only", "-q", "tests/test_distributed.py", "tests/test_launch.py",
+                  env=dict(os.environ, PYTHON=sys.executable))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stderr.startswith("[launch.sh] quick tests:") and "under 3 minutes" in done.stderr
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert collected and not any("two_processes" in c or "zero3" in c for c in collected)
+    assert not any("test_quick_leaves_out" in c for c in collected)  # this test is marked slow
+    assert any("test_help_prints_only_the_usage" in c for c in collected)

@@ -82,6 +82,7 @@ def test_resume_equals_uninterrupted(inputs, tmp_path):
         torch.testing.assert_close(final_weights(interrupted)[name], value, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # three training processes
 def test_sigkill_then_resume_latest(inputs, tmp_path):
     """A real process killed with SIGKILL after a checkpoint, resumed with --resume_from_checkpoint latest."""
     common = ["--model_path", inputs["model"], "--data_path", inputs["data"], "--learning_rate", "1e-3",
