@@ -453,7 +453,8 @@ def hardware() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dpo.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpo.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer (pip install trl)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per row")

@@ -346,7 +346,8 @@ def run_demo(output_dir: str | Path, size: DemoSize, *, seed: int = 0) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpo.demo", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output_dir", default="runs/demo", help="where everything is written")
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run (fewer pairs and steps) that still shows DPO helping; for tests")
