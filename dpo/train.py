@@ -273,7 +273,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
             step_metrics["epoch"] = state.step / steps_per_epoch
             progress.update(1)
-            # refresh=False: the redraw waits for tqdm's mininterval instead of happening on every step.
+            # refresh=False: the redraw waits for the bar's interval (dpo/progress.py) instead of every step.
             progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
                                  refresh=False)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
