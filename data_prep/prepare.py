@@ -75,8 +75,21 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _TypedDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's type as its placeholder (`--max_length INT`) and its default."""
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return {int: "INT", float: "FLOAT", Path: "PATH"}.get(action.type, "STR")
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:
+            return f"{action.help} (required)"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
+    parser = _OneLineParser(prog="python -m data_prep", description=__doc__.split("\n")[0],
+                            formatter_class=_TypedDefaultsFormatter)
     parser.add_argument(
         "--input",
         action="append",
@@ -90,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (or name) for AutoTokenizer")
     parser.add_argument("--output", required=True, type=Path, help="output directory, written atomically")
     parser.add_argument(
-        "--format", choices=("auto", *SHAPES), default="auto", help="record shape (default: detect)"
+        "--format", choices=("auto", *SHAPES), default="auto", help="record shape (auto: detect per file)"
     )
     parser.add_argument(
         "--chat_template", type=Path, help="Jinja chat template file, overrides the tokenizer's"
@@ -98,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max_length", type=int, default=1024, help="max prompt + response tokens, each side"
     )
-    parser.add_argument("--max_prompt_length", type=int, help="max prompt tokens (default: max_length // 2)")
+    parser.add_argument("--max_prompt_length", type=int, help="max prompt tokens (none: max_length // 2)")
     parser.add_argument(
         "--on_bad_record",
         choices=("skip", "error"),

@@ -453,7 +453,8 @@ def hardware() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dpo.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpo.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer (pip install trl)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per row")
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import trl  # noqa: F401
         except ImportError:
-            print("dpo.bench: --vs-trl needs trl: pip install 'dpo-pipeline[bench]' (or pip install trl)",
+            print("dpo.bench: --vs-trl needs trl: pip install -e '.[bench]' from the clone (or pip install trl)",
                   file=sys.stderr)
             return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"

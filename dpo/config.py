@@ -28,10 +28,10 @@ class TrainConfig:
     # --- paths
     model_path: str = ""  # a Hugging Face model folder (the SFT model); weights loaded as safetensors
     data_path: str = ""  # a data_prep output dir (train/, optional eval/, prep_report.json, tokenizer/)
-    output_dir: str = "runs/dpo"
-    run_name: str | None = None
+    output_dir: str = "runs/dpo"  # where config.yaml, metrics.jsonl, tensorboard/, checkpoints and final/ go
+    run_name: str | None = None  # the wandb run name
     # --- DPO objective
-    beta: float = 0.1
+    beta: float = 0.1  # strength of the pull toward the reference (DPO's β); 0.1 is the paper's default
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | simpo (see dpo/losses.py)
     label_smoothing: float = 0.0  # conservative / robust DPO when > 0 (sigmoid and simpo)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
@@ -41,48 +41,48 @@ class TrainConfig:
     reference: str = "auto"  # auto | model | adapters_disabled | precomputed
     ref_model_path: str | None = None  # defaults to model_path
     # --- LoRA
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora: bool = False  # train LoRA adapters instead of every weight
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
     lora_target_modules: list[str] | None = None  # None: every linear layer except the LM head
     lora_adapter_path: str | None = None  # an SFT adapter merged into the frozen base before training
     merge_lora: bool = False  # also write final_merged/ (a full model)
     # --- batches and schedule
     batch_size: int = 4  # pairs per device per micro-step
     eval_batch_size: int | None = None  # defaults to batch_size
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     max_steps: int = -1  # optimizer steps; -1: num_epochs over the data
-    num_epochs: float = 1.0
-    learning_rate: float = 5e-6
+    num_epochs: float = 1.0  # passes over the training pairs (fractions allowed) when max_steps is -1
+    learning_rate: float = 5e-6  # peak AdamW learning rate
     lr_scheduler: str = "cosine"  # cosine | linear | constant (all with linear warm-up)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0  # AdamW weight decay (not on biases and norms)
+    adam_beta1: float = 0.9  # AdamW β1
+    adam_beta2: float = 0.999  # AdamW β2
+    adam_epsilon: float = 1e-8  # AdamW ε
     max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 42
+    seed: int = 42  # seeds the weights of new layers and the order of the pairs
     # --- layout and precision
     layout: str = "auto"  # auto (fastest layout proven exact on this model) | packed | padded; see dpo/layouts.py
-    prefix_sharing: bool | None = None  # one [prompt | chosen | rejected] sequence per pair; None: auto
+    prefix_sharing: bool | None = None  # one [prompt | chosen | rejected] sequence per pair; none: auto (probed)
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
     logits_chunk_size: int = 1024  # positions per chunk when taking log-probs of labels
     mixed_precision: str = "no"  # no | bf16 | fp16
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about one more forward
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint (only for folders you trust)
     # --- logging, evaluation, checkpoints
-    logging_steps: int = 1
+    logging_steps: int = 1  # write train metrics every N optimizer steps
     eval_steps: int = 0  # 0: evaluate only at the end
-    max_kl: float | None = None  # warn when eval kl exceeds this
+    max_logratio: float | None = None  # warn when |eval logratio/chosen| exceeds this (drift from the reference)
     early_stopping_patience: int | None = None  # evaluations without improvement of eval loss
-    early_stopping_min_delta: float = 0.0
+    early_stopping_min_delta: float = 0.0  # a smaller fall of the eval loss is no improvement
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
-    use_wandb: bool = False
-    wandb_project: str = "dpo-pipeline"
+    use_wandb: bool = False  # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "dpo-pipeline"  # the wandb project
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +120,8 @@ class TrainConfig:
             raise ConfigError("reference: 'adapters_disabled' needs --lora")
         if self.lora_adapter_path and not self.lora:
             raise ConfigError("lora_adapter_path: needs --lora (a fresh adapter is trained on top of it)")
+        if self.max_logratio is not None and not self.max_logratio > 0:
+            raise ConfigError(f"max_logratio: must be > 0, got {self.max_logratio!r}")
         if self.merge_lora and not self.lora:
             raise ConfigError("merge_lora: needs --lora")
 

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo import synthetic
 from dpo.data import collate_padded, load_split
+from dpo.distributed import quiet_deepspeed_accelerator_probe
 from dpo.logprobs import sequence_logps
 from dpo.tiny import build_model, build_tokenizer
 
@@ -345,7 +346,8 @@ def run_demo(output_dir: str | Path, size: DemoSize, *, seed: int = 0) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpo.demo", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output_dir", default="runs/demo", help="where everything is written")
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run (fewer pairs and steps) that still shows DPO helping; for tests")
@@ -355,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                              "a second thread measured 40x slower per step, spinning instead of computing)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_deepspeed_accelerator_probe()  # this process never uses DeepSpeed; saving a model imports it
     # Applies to this process and, through the environment, to the data-prep and training subprocesses.
     os.environ["OMP_NUM_THREADS"] = str(args.num_threads)
     torch.set_num_threads(args.num_threads)

@@ -17,11 +17,22 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 
+def quiet_deepspeed_accelerator_probe() -> None:
+    """For a process that does not use DeepSpeed. Accelerate and transformers import DeepSpeed whenever it is
+    installed (unwrap_model, get_state_dict, save_pretrained), and DeepSpeed, finding no GPU, warns that it fell back
+    to the CPU. Naming the CPU for it (what it would pick there) keeps that warning out of the log; with CUDA present
+    it finds the GPU silently and nothing is set. A value the user set wins."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def build_accelerator(*, mixed_precision: str, gradient_accumulation_steps: int, max_grad_norm: float,
                       batch_size: int | None = None) -> Accelerator:
     """The run's Accelerator. Under DeepSpeed, the "auto" fields of the JSON are filled from the recipe here (the
     loop feeds batches itself, so Accelerate has no DataLoader to read the micro-batch size from)."""
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if not use_deepspeed:
+        quiet_deepspeed_accelerator_probe()
     launched = "WORLD_SIZE" in os.environ or use_deepspeed
     on_cpu = launched and not torch.cuda.is_available()
     # Only a launched (multi-process or DeepSpeed) run has a process group; a plain single process has none.

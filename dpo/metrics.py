@@ -19,7 +19,7 @@ PAIR_METRICS = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
-    "kl",
+    "logratio/chosen",
 )
 
 
@@ -32,10 +32,10 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=self.device)
-        self.absent: set[str] = set()  # metrics this run cannot measure (kl without a reference): not logged
+        self.absent: set[str] = set()  # not measurable in this run (logratio/chosen without a reference): not logged
 
     def add(self, values: dict[str, torch.Tensor | None], weight: torch.Tensor, num_tokens: int) -> None:
-        """`values[name]` is a [B] tensor of per-pair values (None for kl without a reference)."""
+        """`values[name]` is a [B] tensor of per-pair values (None for logratio/chosen without a reference)."""
         weight = weight.detach().to(self.sums.device, torch.float64)
         parts = []
         for name in PAIR_METRICS:
@@ -66,8 +66,10 @@ def pair_values(
     *, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None,
 ) -> dict[str, torch.Tensor | None]:
-    """Per-pair values of PAIR_METRICS. kl is the tutorial's monitor: policy minus reference log-prob of the chosen
-    answer (None when the loss has no reference)."""
+    """Per-pair values of PAIR_METRICS. logratio/chosen is log π(chosen) − log π_ref(chosen), the policy's drift
+    from the reference on the chosen answer (rewards/chosen / β for the DPO losses; not a KL divergence, which
+    would need samples from the policy, and negative whenever the chosen answer lost probability); None when the
+    loss has no reference."""
     return {
         "loss": losses,
         "rewards/chosen": chosen_rewards,
@@ -76,7 +78,7 @@ def pair_values(
         "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
         "logps/chosen": policy_chosen_logps,
         "logps/rejected": policy_rejected_logps,
-        "kl": None if ref_chosen_logps is None else policy_chosen_logps - ref_chosen_logps,
+        "logratio/chosen": None if ref_chosen_logps is None else policy_chosen_logps - ref_chosen_logps,
     }
 
 
@@ -99,8 +101,8 @@ class MetricsWriter:
             try:
                 import wandb
             except ImportError as exc:
-                raise RuntimeError("use_wandb: the wandb package is not installed; "
-                                   "pip install 'dpo-pipeline[wandb]' or drop --use_wandb") from exc
+                raise RuntimeError("use_wandb: the wandb package is not installed; pip install -e '.[wandb]' from "
+                                   "the clone (or pip install wandb), or drop --use_wandb") from exc
             self.wandb = wandb
             wandb.init(project=wandb_project, name=run_name, config=config or {})
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dpo.config import ConfigError, TrainConfig, load_config
+from dpo.config_help import format_help, wants_help
 from dpo.data import REF_COLUMNS, REQUIRED_COLUMNS, eval_micro_batches, has_ref_columns, load_split
 from dpo.layouts import LayoutError, choose_run_layout, data_shape, make_collate
 
@@ -267,6 +268,10 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(format_help("python -m dpo.precompute_ref", __doc__.split("\n\n")[0], extra_flags=(
+            ("--splits train,eval", "the splits to compute (default: every split present)"),)), end="")
+        return 0
     splits: list[str] | None = None
     if "--splits" in argv:
         at = argv.index("--splits")

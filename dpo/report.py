@@ -1,10 +1,10 @@
 """Draw report.png for any run from its metrics.jsonl: loss, reward margin, chosen and rejected rewards, preference
-accuracy and kl against step, train and eval.
+accuracy and the chosen answer's log-ratio to the reference against step, train and eval.
 
     python -m dpo.report OUTPUT_DIR [--output OUTPUT_DIR/report.png]
 
-Needs matplotlib (`pip install 'dpo-pipeline[report]'`; `./launch.sh demo` installs it). Rendered off-screen
-(the Agg backend), so it works on a headless machine.
+Needs matplotlib (`pip install -e '.[report]'` from the clone, or `pip install matplotlib`; `./launch.sh demo`
+installs it). Rendered off-screen (the Agg backend), so it works on a headless machine.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
     ("rewards", (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")),
      "chosen steady or rising slowly, rejected falls"),
     ("preference accuracy", (("rewards/accuracies", "accuracy"),), "rises toward 1"),
-    ("kl (policy - reference log-prob, chosen)", (("kl", "kl"),), "grows slowly; a blow-up means drift"),
+    ("log-ratio to the reference, chosen", (("logratio/chosen", "log π − log π_ref"),),
+     "stays within a few nats; a blow-up (either sign) means drift"),
 )
 SPLIT_STYLES = {"train": {"linestyle": "-", "alpha": 0.85}, "eval": {"linestyle": "--", "marker": "o",
                                                                      "markersize": 3}}
 METRIC_COLORS = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red"}
+# A series with this few points is drawn with a marker on each: a lone point drawn as a line is invisible.
+FEW_POINTS = 30
 
 
 def series(records: list[dict[str, Any]], split: str, name: str) -> tuple[list[int], list[float]]:
@@ -53,16 +56,31 @@ def draw_report(output_dir: str | Path, output: str | Path | None = None) -> Pat
     if not records:
         raise ValueError(f"{Path(output_dir) / 'metrics.jsonl'} holds no records")
     path = Path(output) if output is not None else Path(output_dir) / "report.png"
+    fig = draw_figure(records, f"DPO run: {Path(output_dir).resolve().name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def draw_figure(records: list[dict[str, Any]], title: str) -> Any:
+    """The figure: one panel per PANELS entry and a summary table (matplotlib's backend already chosen)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     flat = axes.ravel()
-    for ax, (title, metrics, healthy) in zip(flat, PANELS):
+    for ax, (panel_title, metrics, healthy) in zip(flat, PANELS):
         for name, label in metrics:
             for split, style in SPLIT_STYLES.items():
                 steps, values = series(records, split, name)
                 if steps:
+                    if len(steps) <= FEW_POINTS:
+                        style = {"marker": "o", "markersize": 4, **style}
                     ax.plot(steps, values, label=f"{label} ({split})", color=METRIC_COLORS.get(name), **style)
-        ax.set_title(f"{title}\nhealthy: {healthy}", fontsize=10)
+        ax.set_title(f"{panel_title}\nhealthy: {healthy}", fontsize=10)
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -73,12 +91,9 @@ def draw_report(output_dir: str | Path, output: str | Path | None = None) -> Pat
     summary_ax.axis("off")
     summary_ax.text(0.0, 1.0, summary_text(records), va="top", ha="left", family="monospace", fontsize=9,
                     transform=summary_ax.transAxes)
-    fig.suptitle(f"DPO run: {Path(output_dir).resolve().name}", fontsize=13)
+    fig.suptitle(title, fontsize=13)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def summary_text(records: list[dict[str, Any]]) -> str:
@@ -86,7 +101,7 @@ def summary_text(records: list[dict[str, Any]]) -> str:
     lines = ["                     first      last"]
     for split in ("train", "eval"):
         rows = [(name, series(records, split, name)[1]) for name in
-                ("loss", "rewards/margins", "rewards/accuracies", "kl")]
+                ("loss", "rewards/margins", "rewards/accuracies", "logratio/chosen")]
         rows = [(name, values) for name, values in rows if values]
         if not rows:
             continue
@@ -97,9 +112,10 @@ def summary_text(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo.report", description=__doc__.split("\n")[0])
-    parser.add_argument("output_dir", help="a training run's output dir (holds metrics.jsonl)")
-    parser.add_argument("--output", help="where to write the PNG (default OUTPUT_DIR/report.png)")
+    parser = argparse.ArgumentParser(prog="python -m dpo.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="(path) a training run's output dir, holding "
+                        "metrics.jsonl")
+    parser.add_argument("--output", metavar="PATH", help="where to write the PNG (default: OUTPUT_DIR/report.png)")
     args = parser.parse_args(argv)
     try:
         path = draw_report(args.output_dir, args.output)

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
 from dpo.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from dpo.config_help import format_help, wants_help
 from dpo.data import (
     PreferenceBatch,
     eval_micro_batches,
@@ -40,6 +40,7 @@ from dpo.logprobs import sequence_logps
 from dpo.losses import preference_loss
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
+from dpo.progress import progress_bar
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 
 
@@ -79,7 +80,7 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collate: Any, cfg: TrainConfig,
              accelerator: Any, *, unwrapped_policy: Any) -> dict[str, float]:
-    """Loss, rewards, preference accuracy and kl over every eval pair exactly once (all processes)."""
+    """Loss, rewards, preference accuracy and log-ratio over every eval pair exactly once (all processes)."""
     policy.eval()
     acc = MetricAccumulator(accelerator.device)
     batches = eval_micro_batches(len(dataset), batch_size=cfg.eval_batch_size or cfg.batch_size,
@@ -136,6 +137,10 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(format_help("python -m dpo.train", __doc__.split("\n\n")[0]), end="")
+        return 0
     try:
         cfg = load_config(argv)
     except ConfigError as exc:
@@ -239,8 +244,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # ---- the loop
     accumulator = MetricAccumulator(accelerator.device)
     # Redirected to a log file (clusters, CI), redraw at most every 30 s rather than 10 times a second.
-    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
-                    desc="dpo", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    progress = progress_bar(total=total_steps, initial=state.step, enabled=accelerator.is_main_process)
     step_start = time.perf_counter()
     last_eval: dict[str, float] = {}
     while state.step < total_steps and not state.stopped_early:
@@ -278,7 +282,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
             step_metrics["epoch"] = state.step / steps_per_epoch
             progress.update(1)
-            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}")
+            # refresh=False: the redraw waits for the bar's interval (dpo/progress.py) instead of every step.
+            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
+                                 refresh=False)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 writer.write(state.step, "train", step_metrics)
             if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
@@ -311,11 +317,11 @@ def step_not_applied(accelerator: Any) -> str:
 
 def update_early_stopping(state: ckpt.TrainerState, metrics: dict[str, float], cfg: TrainConfig, log: Any) -> None:
     """Track the best eval loss; stop after `early_stopping_patience` evaluations without an improvement of more
-    than `early_stopping_min_delta`. Also warns when kl exceeds `max_kl`."""
-    kl = metrics.get("kl", math.nan)
-    if cfg.max_kl is not None and math.isfinite(kl) and kl > cfg.max_kl:
-        log(f"[dpo] warning: eval kl {kl:.4f} exceeds max_kl {cfg.max_kl} at step {state.step}: the policy is "
-            f"drifting from the reference (lower the learning rate or raise beta)")
+    than `early_stopping_min_delta`. Also warns when |logratio/chosen| exceeds `max_logratio`."""
+    logratio = metrics.get("logratio/chosen", math.nan)
+    if cfg.max_logratio is not None and math.isfinite(logratio) and abs(logratio) > cfg.max_logratio:
+        log(f"[dpo] warning: eval logratio/chosen {logratio:.4f} is beyond ±max_logratio {cfg.max_logratio} at step "
+            f"{state.step}: the policy is drifting from the reference (lower the learning rate or raise beta)")
     loss = metrics["loss"]
     if state.best_eval_loss is None or loss < state.best_eval_loss - cfg.early_stopping_min_delta:
         state.best_eval_loss = loss

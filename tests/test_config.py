@@ -57,6 +57,8 @@ def test_optional_and_list_values():
         (["--reference", "adapters_disabled"], "needs --lora"),
         (["positional"], "unexpected argument"),
         (["--beta"], "--beta needs a value"),
+        (["--max_logratio", "0"], "max_logratio: must be > 0"),
+        (["--max_kl", "10"], "unknown key 'max_kl'"),  # renamed: the metric it bounded was never a KL
     ],
 )
 def test_errors_name_the_key(argv, message):

@@ -31,13 +31,13 @@ from tests.builders import make_data_dir, make_model_dir, make_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 300
 REL_TOL = 1e-4
-# Rewards and kl are exactly 0 at step 1 (policy == reference) and margins pass through 0, where a relative
+# Rewards and the log-ratio are exactly 0 at step 1 (policy == reference) and margins pass through 0, where a relative
 # tolerance means nothing; 1e-6 is ~10 float32 ulps of a summed log-prob of ~-25 times beta 0.1.
 ABS_TOL = 1e-6
 TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-              "logps/rejected", "kl", "num_pairs", "grad_norm", "learning_rate")
+              "logps/rejected", "logratio/chosen", "num_pairs", "grad_norm", "learning_rate")
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "kl", "num_pairs")
+             "logps/rejected", "logratio/chosen", "num_pairs")
 # Five optimizer steps with a cosine schedule, an evaluation at steps 2, 4 and 5 (10 eval pairs: the last eval batch
 # is partial on every layout), a checkpoint at step 3.
 COMMON = ["--max_steps", "5", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--seed", "7",

@@ -173,6 +173,7 @@ def test_demo_command_runs_in_tests_test_demo():
     assert 'def test_launch_demo_quick' in source and '["./launch.sh", "demo", "--quick"' in source
 
 
+@pytest.mark.slow  # README commands end to end
 def test_launch_sh_test(workspace):
     """Reduced: lint everything as `./launch.sh test` does, then one small test file instead of the whole suite."""
     (command,) = group_commands("test")
@@ -180,6 +181,7 @@ def test_launch_sh_test(workspace):
     assert " passed" in done.stdout
 
 
+@pytest.mark.slow  # README commands end to end
 def test_prep(workspace):
     report = json.loads((workspace.prepped / "prep_report.json").read_text())
     assert report["records_read"] == 40
@@ -188,6 +190,7 @@ def test_prep(workspace):
     assert report["max_length"] == 1024 and report["max_prompt_length"] == 512
 
 
+@pytest.mark.slow  # README commands end to end
 def test_train_report_and_tensorboard(workspace):
     train_cmd, report_cmd, tensorboard_cmd = group_commands("train")
     workspace.run(workspace.substitute(train_cmd) + REDUCED_TRAINING)
@@ -200,6 +203,7 @@ def test_train_report_and_tensorboard(workspace):
     assert "train/loss" in done.stdout and "eval/rewards/accuracies" in done.stdout
 
 
+@pytest.mark.slow  # README commands end to end
 def test_lora(workspace):
     (command,) = group_commands("lora")
     done = workspace.run(workspace.substitute(command) + REDUCED_TRAINING)
@@ -209,6 +213,7 @@ def test_lora(workspace):
     assert (out / "final" / "adapter_config.json").is_file() and (out / "final_merged").is_dir()
 
 
+@pytest.mark.slow  # README commands end to end
 def test_precomputed_reference(workspace, tmp_path):
     precompute_cmd, train_cmd = group_commands("precomputed")
     prepped = tmp_path / "prepped"  # precompute adds columns to the shards: work on a copy
@@ -283,6 +288,7 @@ def test_slurm_sbatch(workspace, tmp_path):
     assert_trained(workspace.runs / "shared_dpo")
 
 
+@pytest.mark.slow  # README commands end to end
 def test_benchmarks(workspace, tmp_path):
     """Reduced: a tiny model and workload instead of the 28M-parameter one, three rows, 300 pairs instead of
     20,000. Without trl (the `bench` extra) the TRL row is left out rather than the command skipped."""

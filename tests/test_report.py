@@ -49,11 +49,12 @@ def test_series_are_the_logged_values(run_dir):
 
 
 def test_series_skips_missing_and_non_finite_values():
-    records = [{"step": 1, "split": "train", "kl": 0.5}, {"step": 2, "split": "train", "kl": float("nan")},
-               {"step": 3, "split": "train"}, {"step": 4, "split": "eval", "kl": 1.0},
-               {"step": 5, "split": "train", "kl": 2}]
-    assert series(records, "train", "kl") == ([1, 5], [0.5, 2.0])
-    assert series(records, "eval", "kl") == ([4], [1.0])
+    name = "logratio/chosen"
+    records = [{"step": 1, "split": "train", name: 0.5}, {"step": 2, "split": "train", name: float("nan")},
+               {"step": 3, "split": "train"}, {"step": 4, "split": "eval", name: 1.0},
+               {"step": 5, "split": "train", name: 2}]
+    assert series(records, "train", name) == ([1, 5], [0.5, 2.0])
+    assert series(records, "eval", name) == ([4], [1.0])
 
 
 def test_summary_holds_first_and_last_values(run_dir):
@@ -99,3 +100,39 @@ def test_module_entry_point(run_dir, tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (run_dir / "report.png").is_file()
+
+
+def short_run_records(steps: int) -> list[dict]:
+    """A hand-written metrics.jsonl of `steps` train steps and one evaluation at the end."""
+    rows = [{"step": s, "split": "train", "loss": 0.69 - 0.01 * s, "rewards/margins": 0.1 * s,
+             "rewards/chosen": 0.01 * s, "rewards/rejected": -0.09 * s, "rewards/accuracies": 0.5,
+             "logratio/chosen": 0.1 * s} for s in range(1, steps + 1)]
+    return rows + [{**rows[-1], "split": "eval"}]
+
+
+def test_a_three_step_run_is_drawn_as_points(tmp_path):
+    """With few steps every logged value gets a marker (a lone point drawn as a line is invisible); the x ticks are
+    whole steps; a long run stays a plain line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpo.report import draw_figure
+
+    fig = draw_figure(short_run_records(3), "short")
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert len(panels) == len(PANELS)
+    for ax in panels:
+        for line in ax.lines:
+            assert line.get_marker() == "o", (ax.get_title(), line.get_label())
+            assert list(line.get_xdata()) == ([1, 2, 3] if "(train)" in line.get_label() else [3])
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+    plt.close(fig)
+    long_fig = draw_figure(short_run_records(100), "long")
+    train_lines = [line for ax in long_fig.axes for line in ax.lines if "(train)" in line.get_label()]
+    assert train_lines and all(line.get_marker() in ("None", None, "") for line in train_lines)
+    plt.close(long_fig)
+    # the CLI on such a run's folder
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short_run_records(3)))
+    assert main([str(tmp_path)]) == 0 and (tmp_path / "report.png").is_file()

@@ -1,5 +1,5 @@
 """The training loop on one process: gradient-accumulation invariance, exact resume (also after SIGKILL), early
-stopping, the kl warning, divergence handling, every output written, and learning actually happening."""
+stopping, the log-ratio warning, divergence handling, every output written, and learning actually happening."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def test_resume_equals_uninterrupted(inputs, tmp_path):
         torch.testing.assert_close(final_weights(interrupted)[name], value, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # three training processes
 def test_sigkill_then_resume_latest(inputs, tmp_path):
     """A real process killed with SIGKILL after a checkpoint, resumed with --resume_from_checkpoint latest."""
     common = ["--model_path", inputs["model"], "--data_path", inputs["data"], "--learning_rate", "1e-3",
@@ -143,11 +144,11 @@ def test_every_output_of_a_50_step_run(inputs, tmp_path):
 
 
 def test_first_step_metrics_hand_checked(inputs, tmp_path):
-    """At step 1 the policy equals the reference: every reward is 0, the loss is log 2, kl is 0."""
+    """At step 1 the policy equals the reference: every reward is 0, the loss is log 2, the log-ratio is 0."""
     run(inputs, tmp_path / "o", "--batch_size", "4", "--max_steps", "1")
     first = train_records(tmp_path / "o")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"):
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logratio/chosen"):
         assert first[key] == pytest.approx(0.0, abs=1e-6)
     assert first["rewards/accuracies"] == 0.0  # ties do not count as correct
     assert first["learning_rate"] == pytest.approx(1e-3)  # no warm-up by default
@@ -166,7 +167,7 @@ def test_loss_falls_and_accuracy_rises(inputs, tmp_path):
     assert mean(late, "rewards/margins") > 0
 
 
-def test_early_stopping_and_kl_warning(inputs, tmp_path, capsys):
+def test_early_stopping_and_logratio_warning(inputs, tmp_path, capsys):
     out = tmp_path / "es"
     # learning_rate 0: eval loss never improves, so patience 2 stops at the third evaluation (step 3)
     result = run(inputs, out, "--batch_size", "4", "--max_steps", "20", "--eval_steps", "1", "--learning_rate", "0",
@@ -174,9 +175,12 @@ def test_early_stopping_and_kl_warning(inputs, tmp_path, capsys):
     assert result["stopped_early"] is True and result["step"] == 3
     assert [r["step"] for r in read_metrics(out) if r["split"] == "eval"] == [1, 2, 3]
     assert "early stopping at step 3" in capsys.readouterr().out
-    run(inputs, tmp_path / "kl", "--batch_size", "4", "--max_steps", "3", "--eval_steps", "3", "--max_kl", "1e-9",
-        "--learning_rate", "1e-2")
-    assert "exceeds max_kl" in capsys.readouterr().out
+    run(inputs, tmp_path / "lr", "--batch_size", "4", "--max_steps", "3", "--eval_steps", "3", "--max_logratio",
+        "1e-9", "--learning_rate", "1e-2")
+    assert "beyond ±max_logratio 1e-09" in capsys.readouterr().out
+    run(inputs, tmp_path / "lr_quiet", "--batch_size", "4", "--max_steps", "3", "--eval_steps", "3",
+        "--max_logratio", "1e6", "--learning_rate", "1e-2")
+    assert "max_logratio" not in capsys.readouterr().out
 
 
 def test_divergence_stops_before_the_step_and_keeps_the_checkpoint(inputs, tmp_path):

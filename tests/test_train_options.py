@@ -58,14 +58,14 @@ def test_label_smoothing_keeps_log2_at_zero_margin(inputs, tmp_path):
 
 def test_simpo_first_step_from_logged_logps(inputs, tmp_path):
     """SimPO is reference-free and length-normalised: with one pair per step the logged (averaged) log-probs give
-    the loss by hand: -log σ(β(lc - lr) - γ); its rewards are β·lc and β·lr; there is no kl."""
+    the loss by hand: -log σ(β(lc - lr) - γ); its rewards are β·lc and β·lr; there is no log-ratio."""
     beta, gamma = 2.0, 0.5
     row = first_step(inputs, tmp_path, "--loss_type", "simpo", "--beta", str(beta), "--simpo_gamma", str(gamma))
     lc, lr = row["logps/chosen"], row["logps/rejected"]
     assert -math.log(sigmoid(beta * (lc - lr) - gamma)) == pytest.approx(row["loss"], rel=1e-5)
     assert row["rewards/chosen"] == pytest.approx(beta * lc, rel=1e-6)
     assert row["rewards/rejected"] == pytest.approx(beta * lr, rel=1e-6)
-    assert "kl" not in row  # no reference: kl cannot be measured, so it is not logged (rather than logged as 0)
+    assert "logratio/chosen" not in row  # no reference: not measurable, so not logged (rather than logged as 0)
 
 
 def test_rpo_adds_the_chosen_nll(inputs, tmp_path):
@@ -109,5 +109,5 @@ def test_wandb_receives_the_logged_metrics(inputs, tmp_path, monkeypatch):
 
 def test_wandb_missing_is_a_clear_error(inputs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(RuntimeError, match=r"pip install 'dpo-pipeline\[wandb\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[wandb\]'"):
         first_step(inputs, tmp_path, "--use_wandb")

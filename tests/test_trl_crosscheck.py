@@ -11,6 +11,7 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl")
+pytestmark = pytest.mark.slow  # importing TRL and running its trainer
 
 from builders import make_tokenizer  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
