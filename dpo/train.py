@@ -37,9 +37,10 @@ from dpo.data import (
 )
 from dpo.distributed import build_accelerator
 from dpo.logprobs import sequence_logps
-from dpo.losses import preference_loss
+from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
+from dpo.objective import answer_logps, loss_kwargs
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 
 
@@ -57,22 +58,22 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
                      *, unwrapped_policy: Any) -> StepOutput:
     """Reference log-probs (no grad), one policy forward over chosen and rejected together, then the loss."""
     ref_chosen, ref_rejected = reference.logps(policy, batch, unwrapped_policy=unwrapped_policy)
-    # SimPO's reward is length-normalised by definition (Meng et al. 2024, Eq. 4).
-    average = cfg.average_log_prob or cfg.loss_type == "simpo"
-    policy_out = sequence_logps(policy, batch, average=average, chunk_size=cfg.logits_chunk_size)
-    out = preference_loss(
-        cfg.loss_type, policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
-        beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
-        chosen_nll=policy_out.chosen_nll,
-    )
+    # Some losses want per-token means (SimPO's reward is length-normalised by definition, Meng et al. 2024, Eq. 4).
+    average = cfg.average_log_prob or wants_mean_logps(cfg.loss_type)
+    policy_out = sequence_logps(policy, batch, average=average, chunk_size=cfg.logits_chunk_size,
+                                with_log_sum_sq=cfg.use_weighting)
+    policy_chosen, policy_rejected = answer_logps(policy_out, ld_alpha=cfg.ld_alpha)
+    out = preference_loss(cfg.loss_type, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                          **loss_kwargs(cfg, policy_out, batch.pair_weight))
     weight = batch.pair_weight
     # A weighted mean over the real pairs: every pair counts once, so micro-batch x accumulation is invariant.
     loss = (out.losses * weight).sum() / weight.sum().clamp(min=1.0)
     values = pair_values(
         losses=out.losses, chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
-        policy_chosen_logps=policy_out.chosen_logps, policy_rejected_logps=policy_out.rejected_logps,
-        ref_chosen_logps=ref_chosen,
+        policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected, ref_chosen_logps=ref_chosen,
     )
+    if len(out.components) > 1:  # a mix: each component too, before its weight
+        values.update({f"loss/{name}": value for name, value in out.components.items()})
     return StepOutput(loss=loss, values=values)
 
 
