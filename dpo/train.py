@@ -41,6 +41,7 @@ from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
 from dpo.objective import answer_logps, loss_kwargs
+from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 
 
@@ -223,6 +224,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     if cfg.resume_from_checkpoint:
         path = ckpt.resolve_resume_path(out_dir, cfg.resume_from_checkpoint)
         state = ckpt.load_checkpoint(accelerator, path)
+        if cfg.sync_ref_model:  # TR-DPO: the reference has moved with the policy; restore it as saved
+            load_reference(reference.model, path, accelerator)
         writer.truncate_after(state.step)
         log(f"[dpo] resumed from {path} at step {state.step}")
     elif accelerator.is_main_process and (out_dir / "metrics.jsonl").exists():
@@ -263,6 +266,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:  # TR-DPO, after the step
+                sync_reference(unwrapped_policy, reference.model, alpha=cfg.ref_model_mixup_alpha)
             elapsed = time.perf_counter() - step_start
             step_start = time.perf_counter()
             step_metrics["learning_rate"] = lr
@@ -280,7 +285,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                ckpt.save_checkpoint(accelerator, out_dir, state, save_total_limit=cfg.save_total_limit)
+                ckpt.save_checkpoint(accelerator, out_dir, state, save_total_limit=cfg.save_total_limit,
+                                     save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
+                                     if cfg.sync_ref_model else None)
             if state.step >= total_steps or state.stopped_early:
                 break
     progress.close()
