@@ -103,3 +103,44 @@ def test_resume_without_the_reference_file_is_refused(inputs, tmp_path):
 def test_sync_refusals(flags, reason):
     with pytest.raises(ConfigError, match=reason):
         load_config(["--sync_ref_model", *flags])
+
+
+@pytest.mark.distributed
+def test_zero3_sync_and_resume_match_one_process(tmp_path):
+    """Under ZeRO-3 (2 processes, partitioned policy and reference) the synced run follows the single-process one,
+    writes the same reference.safetensors, and resumes from it exactly."""
+    from tests.test_distributed import (
+        COMMON,
+        assert_same_trajectory,
+        free_port,
+        launch_cmd,
+        run_launch,
+    )
+
+    tok = make_tokenizer()
+    model = make_model_dir(tmp_path / "model", tok, seed=0)
+    data = make_data_dir(tmp_path / "data", tok, n_train=32, n_eval=10, seed=0)
+    sync = ["--sync_ref_model", "--ref_model_mixup_alpha", "0.6", "--ref_model_sync_steps", "2",
+            "--reference", "model", "--save_steps", "3"]
+
+    def launch(name: str, config: str, processes: int, batch: int, *extra: str) -> Path:
+        out = tmp_path / name
+        args = ["--model_path", str(model), "--data_path", str(data), "--output_dir", str(out), *COMMON, *sync,
+                "--batch_size", str(batch), *extra]
+        run_launch(launch_cmd(config, args, num_processes=processes, port=free_port()))
+        return out
+
+    single = launch("single", "single", 1, 4)
+    zero3 = launch("zero3", "zero3", 2, 2)
+    assert_same_trajectory(zero3, single)
+    got = load_weights_file(zero3 / "checkpoint-3" / REFERENCE_FILE)
+    want = load_weights_file(single / "checkpoint-3" / REFERENCE_FILE)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    resumed = launch("zero3", "zero3", 2, 2, "--resume_from_checkpoint", str(zero3 / "checkpoint-3"))  # same dir
+    assert_same_trajectory(resumed, single)
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
