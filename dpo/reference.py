@@ -12,7 +12,7 @@
   adapter, if any, was merged into the base weights, so it stays on.
 - precomputed: columns stored with the shards by `python -m dpo.precompute_ref`; no model is loaded. Used only
   when the fingerprint stored with them matches what is being trained (`dpo.precompute_ref.check_precomputed`).
-- none: reference-free losses (SimPO).
+- none: every loss of the objective is reference-free (`simpo`, `sft`; dpo.losses.reference_free decides).
 
 `auto` takes the cheapest strategy that gives the right values: precomputed when the stored fingerprint matches
 (train and, when present, eval), else adapters_disabled with LoRA (unless a separate `ref_model_path` is given),
