@@ -142,6 +142,18 @@ def _smoothed_logsigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.
     return loss
 
 
+def _sorted_difference(a: torch.Tensor, b: torch.Tensor, pair_weight: torch.Tensor | None) -> torch.Tensor:
+    """sort(a) - sort(b) over the real pairs (weight > 0), placed at the real pairs' indices; 0 at padding pairs.
+
+    Padding pairs (weight 0, which only fill the last eval batch) must not enter the order statistics."""
+    if pair_weight is None or bool((pair_weight > 0).all()):
+        return torch.sort(a, dim=0).values - torch.sort(b, dim=0).values
+    real = pair_weight > 0
+    out = torch.zeros_like(a)
+    out[real] = torch.sort(a[real], dim=0).values - torch.sort(b[real], dim=0).values
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the losses
 # Every function: (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, ...) -> [B].
 # Keyword hyper-parameters a loss does not use are accepted and ignored (**_), so a mix passes one set to all.
@@ -349,18 +361,19 @@ def aot_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
+    pair_weight: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """AOT (paired): the batch's policy log-ratios, sorted, must dominate the reference's, sorted.
 
-    Batch-coupled: value i belongs to the i-th order statistic, not to pair i; only the mean is meaningful.
+    Batch-coupled: value i belongs to an order statistic, not to pair i; only the mean is meaningful.
     """
     # Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport", Eq. 9 (paired,
     # logistic relaxation of first-order stochastic dominance, smoothed like DPO):
     #   L = mean_i -log sigma(beta * (sort(pi_w - pi_l)_i - sort(ref_w - ref_l)_i))
-    policy_sorted, _idx = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0)
-    ref_sorted, _idx = torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0)
-    return _smoothed_logsigmoid_loss(beta * (policy_sorted - ref_sorted), label_smoothing)
+    delta = _sorted_difference(policy_chosen_logps - policy_rejected_logps, ref_chosen_logps - ref_rejected_logps,
+                               pair_weight)
+    return _smoothed_logsigmoid_loss(beta * delta, label_smoothing)
 
 
 def aot_unpaired_loss(
@@ -371,14 +384,15 @@ def aot_unpaired_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
+    pair_weight: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """AOT (unpaired): the chosen answers' log-ratios, sorted, must dominate the rejected answers', sorted."""
     # Melnyk et al. 2024, Eq. 8 (unpaired): L = mean_i -log sigma(beta * (sort(u_w)_i - sort(u_l)_i)),
     # u = log(pi / ref); batch-coupled like aot.
-    chosen_sorted, _idx = torch.sort(policy_chosen_logps - ref_chosen_logps, dim=0)
-    rejected_sorted, _idx = torch.sort(policy_rejected_logps - ref_rejected_logps, dim=0)
-    return _smoothed_logsigmoid_loss(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+    delta = _sorted_difference(policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps,
+                               pair_weight)
+    return _smoothed_logsigmoid_loss(beta * delta, label_smoothing)
 
 
 def apo_zero_loss(
@@ -695,7 +709,7 @@ def preference_loss(
     is required when ``rpo_alpha`` is set and ignored otherwise. ``chosen_lengths``/``rejected_lengths`` are the
     answers' token counts (length-normalised losses divide by them; None: the log-probs are means already).
     ``wpo_weights`` ([B], detached) multiply every component (WPO). ``pair_weight`` ([B]) marks padding pairs with
-    0 for the batch-coupled ``sft`` term.
+    0, which the batch-coupled losses (``aot``, ``aot_unpaired``, ``sft``) leave out of their batch statistics.
     """
     names = as_loss_list(loss_type)
     weights = list(loss_weights) if loss_weights is not None else [1.0] * len(names)

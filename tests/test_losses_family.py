@@ -94,6 +94,17 @@ def test_aot_sorts_the_batch():
     assert losses.tolist() == pytest.approx([-logsig(2.0), -logsig(-2.0)], rel=1e-12)
 
 
+def test_aot_leaves_padding_pairs_out_of_the_order_statistics():
+    """A weight-0 copy of pair 0 (how the last eval batch is filled) changes nothing in the weighted mean."""
+    pc, pr, rc, rr = (torch.tensor(v, dtype=torch.float64) for v in ([0.0, -1.0, 5.0], [-3.0, 0.0, -9.0],
+                                                                     [0.0, 0.0, 3.0], [0.0, -2.0, 1.0]))
+    weight = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    for name in ("aot", "aot_unpaired"):
+        two = preference_loss(name, pc[:2], pr[:2], rc[:2], rr[:2], beta=1.0).losses.mean()
+        padded = preference_loss(name, pc, pr, rc, rr, beta=1.0, pair_weight=weight).losses
+        assert float((padded * weight).sum() / weight.sum()) == pytest.approx(float(two), rel=1e-12), name
+
+
 def test_sft_is_the_batch_token_mean_of_the_chosen_nll():
     """NLL sums [6, 1] over [3, 2] tokens: token mean 7/5 for the batch; padding pairs (weight 0) do not count."""
     pc = pr = torch.zeros(3, dtype=torch.float64)
