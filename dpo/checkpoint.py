@@ -13,7 +13,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -49,9 +49,12 @@ def resolve_resume_path(output_dir: str | Path, resume: str) -> Path:
     return path
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerState, *, save_total_limit: int | None
-                    ) -> Path:
-    """Every process calls this (DeepSpeed saves its shards from each); the main process renames and rotates."""
+def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerState, *, save_total_limit: int | None,
+                    save_extra: Callable[[Path], None] | None = None) -> Path:
+    """Every process calls this (DeepSpeed saves its shards from each); the main process renames and rotates.
+
+    `save_extra(folder)` (called on every process) adds files to the checkpoint before it is published (TR-DPO's
+    synced reference)."""
     root = Path(output_dir)
     final = root / f"checkpoint-{state.step}"
     tmp = root / f".tmp-checkpoint-{state.step}"
@@ -59,6 +62,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if save_extra is not None:
+        save_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))

@@ -32,14 +32,23 @@ class TrainConfig:
     run_name: str | None = None  # the wandb run name
     # --- DPO objective
     beta: float = 0.1  # strength of the pull toward the reference (DPO's β); 0.1 is the paper's default
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | simpo (see dpo/losses.py)
-    label_smoothing: float = 0.0  # conservative / robust DPO when > 0 (sigmoid and simpo)
+    loss_type: str | list[str] = "sigmoid"  # a loss of dpo/losses.py (README table) or a list of them, mixed
+    loss_weights: list[float] | None = None  # weights of a loss_type list, e.g. [0.8, 0.2, 1.0]; default 1 each
+    label_smoothing: float = 0.0  # label-flip rate: sigmoid, simpo, robust, exo_pair, aot, aot_unpaired
+    discopop_tau: float = 0.05  # DiscoPOP's temperature (loss_type discopop)
+    f_divergence_type: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO)
+    f_alpha_divergence_coef: float = 0.5  # alpha of f_divergence_type alpha_divergence
+    use_weighting: bool = False  # WPO: weight each pair by the policy's per-token likelihood of its answers
+    ld_alpha: float | None = None  # LD-DPO: weight of answer tokens beyond the shorter answer's length, in [0, 1]
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     rpo_alpha: float | None = None  # adds rpo_alpha * NLL(chosen) to any loss
     average_log_prob: bool = False  # False: summed response log-probs (DPO paper); True: per-token mean
     # --- reference
     reference: str = "auto"  # auto | model | adapters_disabled | precomputed
     ref_model_path: str | None = None  # defaults to model_path
+    sync_ref_model: bool = False  # TR-DPO: ref = alpha * policy + (1 - alpha) * ref every ref_model_sync_steps
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha; 1.0 is a hard update (the reference becomes the policy)
+    ref_model_sync_steps: int = 512  # optimizer steps between reference updates (TR-DPO)
     # --- LoRA
     lora: bool = False  # train LoRA adapters instead of every weight
     lora_r: int = 16  # LoRA rank
@@ -89,7 +98,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         choices = {
-            "loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
             "reference": ("auto", "model", "adapters_disabled", "precomputed"),
             "lr_scheduler": ("cosine", "linear", "constant"),
             "mixed_precision": ("no", "bf16", "fp16"),
@@ -124,10 +132,50 @@ class TrainConfig:
             raise ConfigError(f"max_logratio: must be > 0, got {self.max_logratio!r}")
         if self.merge_lora and not self.lora:
             raise ConfigError("merge_lora: needs --lora")
+        self._validate_objective()
+
+    def _validate_objective(self) -> None:
+        """The loss (mix) and its hyper-parameters, asked of the loss registry; TR-DPO and LD-DPO prerequisites."""
+        from dpo import losses
+
+        try:
+            losses.check_objective(
+                self.loss_type, self.loss_weights, beta=self.beta, label_smoothing=self.label_smoothing,
+                discopop_tau=self.discopop_tau, f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=self.f_alpha_divergence_coef, use_weighting=self.use_weighting,
+                ld_alpha=self.ld_alpha)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.ld_alpha is not None and (self.average_log_prob or losses.wants_mean_logps(self.loss_type)):
+            raise ConfigError("ld_alpha: LD-DPO weights summed answer log-probs; it cannot be combined with "
+                              "average_log_prob or a loss on per-token means (simpo)")
+        if self.ld_alpha is not None and self.reference == "precomputed":
+            raise ConfigError("ld_alpha: precomputed reference log-probs are plain sums, not LD-DPO weighted; use "
+                              "--reference model (or adapters_disabled with LoRA)")
+        if self.sync_ref_model:
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                raise ConfigError(f"ref_model_mixup_alpha: must be in [0, 1], got {self.ref_model_mixup_alpha!r}")
+            if self.ref_model_sync_steps < 1:
+                raise ConfigError(f"ref_model_sync_steps: must be >= 1, got {self.ref_model_sync_steps!r}")
+            if self.reference == "precomputed":
+                raise ConfigError("sync_ref_model: a precomputed reference cannot be synced (its log-probs and "
+                                  "fingerprint are for the fixed starting model); use --reference model")
+            if self.lora:
+                raise ConfigError("sync_ref_model: not supported with LoRA, whose reference is the base weights "
+                                  "under the adapter (no separate copy to update); use full fine-tuning")
+            if self.reference_free:
+                raise ConfigError(f"sync_ref_model: loss_type {self.loss_type!r} uses no reference to sync")
+
+    @property
+    def loss_types(self) -> list[str]:
+        """loss_type as a list (one element for a single loss)."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
     @property
     def reference_free(self) -> bool:
-        return self.loss_type == "simpo"
+        from dpo.losses import reference_free
+
+        return reference_free(self.loss_type)
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -145,8 +193,26 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _cli_list(value: str) -> list[Any]:
+    """A list from the command line: YAML flow style '[a, b]' or a comma list 'a,b'."""
+    if value.strip().startswith("["):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list):
+            return parsed
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _coerce(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
     """Convert `value` to the field type `tp`, or raise ConfigError naming `key`."""
+    if set(typing.get_args(tp)) == {str, list[str]}:  # a name or a list of names (loss_type)
+        if from_cli and isinstance(value, str) and ("," in value or value.strip().startswith("[")):
+            value = _cli_list(value)
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise ConfigError(f"{key}: expected a name or a non-empty list of names, got {value!r}")
     inner, optional = _strip_optional(tp)
     if value is None or (from_cli and optional and str(value).lower() in ("none", "null")):
         if optional:
@@ -189,7 +255,9 @@ def _coerce(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if typing.get_origin(inner) is list:
         if from_cli and isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = _cli_list(value)
+        if typing.get_args(inner) == (float,) and isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", v, float, from_cli=from_cli) for i, v in enumerate(value)]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")

@@ -97,3 +97,15 @@ def deepspeed_inference_engine(model: torch.nn.Module, accelerator: Accelerator)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def gathered_parameters(params: list[torch.nn.Parameter], *, modify: bool) -> Any:
+    """A context in which ZeRO-3-partitioned `params` are whole on every process (changes made on process 0 are
+    scattered back on exit when `modify`); a no-op context for parameters DeepSpeed does not partition."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)

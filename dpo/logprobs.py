@@ -20,6 +20,11 @@ class SequenceLogps:
 
     `chosen_logps`/`rejected_logps` are sums, or per-token means when the forward was asked for averages.
     `chosen_nll` is the mean negative log-likelihood per chosen token (for the RPO term), always a mean.
+
+    Per-token outputs, for objectives that weight tokens (LD-DPO, WPO; see dpo/objective.py), one entry per scored
+    token in the batch's row-major order: `token_logps` [N] (with gradient), `token_seq` [N] (its sequence, as in
+    `target_seq`), and, only when asked for, `token_log_sum_sq` [N] = log sum_v p(v)^2 at that position (detached).
+    Within one sequence the tokens appear in answer order in every layout (tests/test_objective.py checks it).
     """
 
     chosen_logps: torch.Tensor
@@ -27,6 +32,9 @@ class SequenceLogps:
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
     chosen_nll: torch.Tensor
+    token_logps: torch.Tensor | None = None
+    token_seq: torch.Tensor | None = None
+    token_log_sum_sq: torch.Tensor | None = None
 
 
 def label_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
@@ -56,11 +64,14 @@ def scatter_sequence_logps(
         chosen_lengths=counts[:num_pairs],
         rejected_lengths=counts[num_pairs:],
         chosen_nll=-means[:num_pairs],
+        token_logps=token_logps,
+        token_seq=token_seq,
     )
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: PreferenceBatch, *, average: bool = False, chunk_size: int = 1024
+    model: torch.nn.Module, batch: PreferenceBatch, *, average: bool = False, chunk_size: int = 1024,
+    with_log_sum_sq: bool = False,
 ) -> SequenceLogps:
     """One forward of `model` on the batch; log-probs of the answer tokens per sequence.
 
@@ -79,4 +90,9 @@ def sequence_logps(
     if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
         logits = logits[keep]
     token_logps = label_logps(logits, batch.target_ids[keep], chunk_size=chunk_size)
-    return scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
+    out = scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
+    if with_log_sum_sq:  # WPO's per-token normaliser (dpo/objective.py)
+        from dpo.objective import log_sum_sq_probs
+
+        out.token_log_sum_sq = log_sum_sq_probs(logits, chunk_size=chunk_size)
+    return out

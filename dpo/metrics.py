@@ -24,14 +24,19 @@ PAIR_METRICS = (
 
 
 class MetricAccumulator:
-    """Weighted sums of PAIR_METRICS over micro-batches, plus pair and token counts, as one device tensor."""
+    """Weighted sums of PAIR_METRICS over micro-batches, plus pair and token counts, as one device tensor.
+
+    Per-pair values under other names (the components of a loss mix, `loss/<name>`) are accumulated too, in the
+    order they first appear (the same on every process: it follows the config)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = device
+        self.extra_names: list[str] = []
         self.reset()
 
     def reset(self) -> None:
         self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=self.device)
+        self.extra_sums = torch.zeros(len(self.extra_names), dtype=torch.float64, device=self.device)
         self.absent: set[str] = set()  # not measurable in this run (logratio/chosen without a reference): not logged
 
     def add(self, values: dict[str, torch.Tensor | None], weight: torch.Tensor, num_tokens: int) -> None:
@@ -47,15 +52,26 @@ class MetricAccumulator:
         parts.append(weight.sum())
         parts.append(torch.tensor(float(num_tokens), dtype=torch.float64, device=self.sums.device))
         self.sums += torch.stack(parts)
+        extra = [name for name in values if name not in PAIR_METRICS and values[name] is not None]
+        for name in extra:
+            if name not in self.extra_names:
+                self.extra_names.append(name)
+                self.extra_sums = torch.cat([self.extra_sums, self.extra_sums.new_zeros(1)])
+        for name in extra:
+            v = values[name]
+            assert v is not None
+            self.extra_sums[self.extra_names.index(name)] += (v.detach().to(torch.float64) * weight).sum()
 
     def reduce(self, accelerator: Any) -> dict[str, float]:
         """Sum over processes (one collective), then one transfer to the host; means per pair."""
-        totals = accelerator.reduce(self.sums.clone(), reduction="sum") if accelerator.num_processes > 1 \
-            else self.sums
+        both = torch.cat([self.sums, self.extra_sums])
+        totals = accelerator.reduce(both, reduction="sum") if accelerator.num_processes > 1 else both
         values = totals.tolist()
-        pairs, tokens = values[-2], values[-1]
+        pairs, tokens = values[len(PAIR_METRICS)], values[len(PAIR_METRICS) + 1]
         out = {name: (values[i] / pairs if pairs else math.nan) for i, name in enumerate(PAIR_METRICS)
                if name not in self.absent}
+        for i, name in enumerate(self.extra_names):
+            out[name] = values[len(PAIR_METRICS) + 2 + i] / pairs if pairs else math.nan
         out["num_pairs"] = pairs
         out["num_tokens"] = tokens
         self.reset()

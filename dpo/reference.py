@@ -12,7 +12,7 @@
   adapter, if any, was merged into the base weights, so it stays on.
 - precomputed: columns stored with the shards by `python -m dpo.precompute_ref`; no model is loaded. Used only
   when the fingerprint stored with them matches what is being trained (`dpo.precompute_ref.check_precomputed`).
-- none: reference-free losses (SimPO).
+- none: every loss of the objective is reference-free (`simpo`, `sft`; dpo.losses.reference_free decides).
 
 `auto` takes the cheapest strategy that gives the right values: precomputed when the stored fingerprint matches
 (train and, when present, eval), else adapters_disabled with LoRA (unless a separate `ref_model_path` is given),
@@ -33,6 +33,7 @@ import torch
 from dpo.config import TrainConfig
 from dpo.data import PreferenceBatch
 from dpo.logprobs import sequence_logps
+from dpo.objective import answer_logps
 
 
 def _stderr(message: str) -> None:
@@ -64,7 +65,10 @@ def resolve_reference_kind(cfg: TrainConfig, *, train_has_precomputed: bool,
         return "adapters_disabled"
     if cfg.reference == "model":
         return "model"
-    if train_has_precomputed:
+    if train_has_precomputed and (cfg.sync_ref_model or cfg.ld_alpha is not None):
+        log(f"[dpo] reference auto: not using the precomputed log-probs in {cfg.data_path} "
+            f"({'sync_ref_model updates the reference' if cfg.sync_ref_model else 'they are not LD-DPO weighted'})")
+    elif train_has_precomputed:
         problems = [p for p in (precomputed_mismatch(cfg, s) for s in splits_present(cfg.data_path)) if p]
         if not problems:
             return "precomputed"
@@ -103,7 +107,8 @@ class Reference:
             with self.autocast():
                 out = sequence_logps(self.model, batch, average=self.cfg.average_log_prob,
                                      chunk_size=self.cfg.logits_chunk_size)
-            return out.chosen_logps.detach(), out.rejected_logps.detach()
+            chosen, rejected = answer_logps(out, ld_alpha=self.cfg.ld_alpha)  # LD-DPO weighting, if on
+            return chosen.detach(), rejected.detach()
         if self.kind == "adapters_disabled":
             if policy is None:
                 raise ValueError("reference 'adapters_disabled' needs the policy")
@@ -116,7 +121,8 @@ class Reference:
                                          chunk_size=self.cfg.logits_chunk_size)
             finally:
                 policy.train(was_training)
-            return out.chosen_logps.detach(), out.rejected_logps.detach()
+            chosen, rejected = answer_logps(out, ld_alpha=self.cfg.ld_alpha)  # LD-DPO weighting, if on
+            return chosen.detach(), rejected.detach()
         raise ValueError(f"unknown reference kind {self.kind!r}")
 
 

@@ -37,10 +37,12 @@ from dpo.data import (
 from dpo.distributed import build_accelerator
 from dpo.layouts import LayoutError, choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
-from dpo.losses import preference_loss
+from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
+from dpo.objective import answer_logps, loss_kwargs
 from dpo.progress import progress_bar
+from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 
 
@@ -58,22 +60,22 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
                      *, unwrapped_policy: Any) -> StepOutput:
     """Reference log-probs (no grad), one policy forward over chosen and rejected together, then the loss."""
     ref_chosen, ref_rejected = reference.logps(policy, batch, unwrapped_policy=unwrapped_policy)
-    # SimPO's reward is length-normalised by definition (Meng et al. 2024, Eq. 4).
-    average = cfg.average_log_prob or cfg.loss_type == "simpo"
-    policy_out = sequence_logps(policy, batch, average=average, chunk_size=cfg.logits_chunk_size)
-    out = preference_loss(
-        cfg.loss_type, policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
-        beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
-        chosen_nll=policy_out.chosen_nll,
-    )
+    # Some losses want per-token means (SimPO's reward is length-normalised by definition, Meng et al. 2024, Eq. 4).
+    average = cfg.average_log_prob or wants_mean_logps(cfg.loss_type)
+    policy_out = sequence_logps(policy, batch, average=average, chunk_size=cfg.logits_chunk_size,
+                                with_log_sum_sq=cfg.use_weighting)
+    policy_chosen, policy_rejected = answer_logps(policy_out, ld_alpha=cfg.ld_alpha)
+    out = preference_loss(cfg.loss_type, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                          **loss_kwargs(cfg, policy_out, batch.pair_weight))
     weight = batch.pair_weight
     # A weighted mean over the real pairs: every pair counts once, so micro-batch x accumulation is invariant.
     loss = (out.losses * weight).sum() / weight.sum().clamp(min=1.0)
     values = pair_values(
         losses=out.losses, chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
-        policy_chosen_logps=policy_out.chosen_logps, policy_rejected_logps=policy_out.rejected_logps,
-        ref_chosen_logps=ref_chosen,
+        policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected, ref_chosen_logps=ref_chosen,
     )
+    if len(out.components) > 1:  # a mix: each component too, before its weight
+        values.update({f"loss/{name}": value for name, value in out.components.items()})
     return StepOutput(loss=loss, values=values)
 
 
@@ -236,6 +238,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     if cfg.resume_from_checkpoint:
         path = ckpt.resolve_resume_path(out_dir, cfg.resume_from_checkpoint)
         state = ckpt.load_checkpoint(accelerator, path)
+        if cfg.sync_ref_model:  # TR-DPO: the reference has moved with the policy; restore it as saved
+            load_reference(reference.model, path, accelerator)
         writer.truncate_after(state.step)
         log(f"[dpo] resumed from {path} at step {state.step}")
     elif accelerator.is_main_process and (out_dir / "metrics.jsonl").exists():
@@ -275,6 +279,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:  # TR-DPO, after the step
+                sync_reference(unwrapped_policy, reference.model, alpha=cfg.ref_model_mixup_alpha)
             elapsed = time.perf_counter() - step_start
             step_start = time.perf_counter()
             step_metrics["learning_rate"] = lr
@@ -294,7 +300,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                ckpt.save_checkpoint(accelerator, out_dir, state, save_total_limit=cfg.save_total_limit)
+                ckpt.save_checkpoint(accelerator, out_dir, state, save_total_limit=cfg.save_total_limit,
+                                     save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
+                                     if cfg.sync_ref_model else None)
             if state.step >= total_steps or state.stopped_early:
                 break
     progress.close()

@@ -44,6 +44,27 @@ def test_optional_and_list_values():
     assert load_config(["--rpo_alpha", "none"]).rpo_alpha is None
 
 
+@pytest.mark.parametrize("argv", [
+    ["--loss_type", "[sigmoid, bco_pair, sft]", "--loss_weights", "[0.8, 0.2, 1.0]"],  # the README's example
+    ["--loss_type", "sigmoid,bco_pair,sft", "--loss_weights", "0.8,0.2,1"],
+    ["--loss_type=[sigmoid,bco_pair,sft]", "--loss_weights=[0.8,0.2,1.0]"],
+])
+def test_loss_type_lists_from_the_command_line(argv):
+    cfg = load_config(argv)
+    assert cfg.loss_type == ["sigmoid", "bco_pair", "sft"] and cfg.loss_weights == [0.8, 0.2, 1.0]
+    assert cfg.loss_types == ["sigmoid", "bco_pair", "sft"] and not cfg.reference_free
+
+
+def test_loss_type_list_from_yaml_round_trips(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("loss_type: [sigmoid, bco_pair]\nloss_weights: [0.8, 1]\nuse_weighting: true\n")
+    cfg = load_config(["--config", str(recipe)])
+    assert cfg.loss_type == ["sigmoid", "bco_pair"] and cfg.loss_weights == [0.8, 1.0] and cfg.use_weighting
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(["--config", str(tmp_path / "resolved.yaml")]) == cfg
+    assert load_config(["--loss_type", "sft"]).reference_free  # the registry decides, not a name list
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -51,7 +72,13 @@ def test_optional_and_list_values():
         (["--beta", "high"], "beta: expected a number"),
         (["--batch_size", "2.5"], "batch_size: expected an integer"),
         (["--lora", "maybe"], "lora: expected true or false"),
-        (["--loss_type", "kto"], "loss_type: 'kto' is not one of sigmoid, ipo, hinge, simpo"),
+        (["--loss_type", "kto"], "unknown loss_type 'kto'; valid loss types: aot, aot_unpaired"),
+        (["--loss_type", "[sigmoid, 3]"], "loss_type: expected a name or a non-empty list of names"),
+        (["--loss_weights", "[0.8, high]"], r"loss_weights\[1\]: expected a number"),
+        (["--loss_type", "robust", "--label_smoothing", "0.5"], "label_smoothing"),
+        (["--loss_type", "exo_pair"], "'exo_pair' needs 0 < label_smoothing < 0.5"),
+        (["--ld_alpha", "0.5", "--average_log_prob"], "ld_alpha: LD-DPO weights summed"),
+        (["--ld_alpha", "0.5", "--reference", "precomputed"], "ld_alpha: precomputed reference"),
         (["--beta", "0"], "beta: must be > 0"),
         (["--max_steps", "0"], "max_steps"),
         (["--reference", "adapters_disabled"], "needs --lora"),

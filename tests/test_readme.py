@@ -50,6 +50,11 @@ COVERAGE: dict[str, str] = {
     "--model_path /shared/models/sft --data_path /shared/data/prepped --output_dir /shared/runs/dpo": "multi_node",
     "sbatch examples/slurm_multi_node.sbatch --config recipes/full_small.yaml --model_path /shared/models/sft "
     "--data_path /shared/data/prepped --output_dir /shared/runs/dpo": "slurm",
+    "python -m dpo.train --config recipes/full_small.yaml --model_path path/to/sft_model --data_path data/prepped "
+    "--output_dir runs/my_mix --loss_type '[sigmoid, bco_pair, sft]' --loss_weights '[0.8, 0.2, 1.0]'": "objectives",
+    "python -m dpo.train --config recipes/full_small.yaml --model_path path/to/sft_model --data_path data/prepped "
+    "--output_dir runs/my_trdpo --reference model --sync_ref_model --ref_model_mixup_alpha 0.6 "
+    "--ref_model_sync_steps 64": "objectives",
     "./launch.sh bench --vs-trl": "bench",
     "python benchmarks/bench_prep.py --pairs 20000 --json bench_results/bench_prep.json": "bench",
 }
@@ -201,6 +206,18 @@ def test_train_report_and_tensorboard(workspace):
     # Reduced: --inspect lists the logged scalars and exits instead of serving them.
     done = workspace.run(workspace.substitute(tensorboard_cmd) + " --inspect")
     assert "train/loss" in done.stdout and "eval/rewards/accuracies" in done.stdout
+
+
+def test_objectives(workspace):
+    """The weighted mix logs its components; TR-DPO is reduced to a sync every step (2 steps instead of 64)."""
+    mix_cmd, trdpo_cmd = group_commands("objectives")
+    workspace.run(workspace.substitute(mix_cmd) + REDUCED_TRAINING)
+    out = workspace.runs / "my_mix"
+    assert_trained(out)
+    assert {"loss/sigmoid", "loss/bco_pair", "loss/sft"} <= set(read_metrics(out)[0])
+    done = workspace.run(workspace.substitute(trdpo_cmd) + REDUCED_TRAINING + " --ref_model_sync_steps 1")
+    assert_trained(workspace.runs / "my_trdpo")
+    assert "reference: model" in done.stdout + done.stderr
 
 
 @pytest.mark.slow  # README commands end to end

@@ -50,6 +50,39 @@ def test_first_step_loss_of_each_reference_loss(inputs, tmp_path, loss_type, exp
     assert row["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_documented_mix_from_the_command_line(inputs, tmp_path):
+    """`python -m dpo.train --loss_type '[sigmoid, bco_pair, sft]' --loss_weights '[0.8, 0.2, 1.0]'`: at step 1
+    (policy = reference) sigmoid is log 2 and bco_pair -2 log σ(0) = 2 log 2; the total is the weighted sum of the
+    logged components. (The values against TRL: tests/test_trl_crosscheck_losses.py.)"""
+    from dpo.train import main
+
+    out = tmp_path / "mix"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert main(["--model_path", inputs["model"], "--data_path", inputs["data"], "--output_dir", str(out),
+                     "--batch_size", "2", "--max_steps", "2", "--loss_type", "[sigmoid, bco_pair, sft]",
+                     "--loss_weights", "[0.8, 0.2, 1.0]"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    rows = read_metrics(out)
+    first = rows[0]
+    assert first["loss/sigmoid"] == pytest.approx(math.log(2), rel=1e-6)
+    assert first["loss/bco_pair"] == pytest.approx(2 * math.log(2), rel=1e-6)
+    assert first["loss/sft"] > 0
+    for row in rows:  # train and eval rows alike
+        total = 0.8 * row["loss/sigmoid"] + 0.2 * row["loss/bco_pair"] + 1.0 * row["loss/sft"]
+        assert row["loss"] == pytest.approx(total, rel=1e-6), row["split"]
+
+
+def test_wpo_and_ld_dpo_run_end_to_end(inputs, tmp_path):
+    """WPO and LD-DPO through the train loop (values against TRL: tests/test_trl_crosscheck_losses.py). At step 1
+    h = 0 for every pair, so with one pair per step the sigmoid loss is log 2 times that pair's WPO weight, which is
+    not 1 for a model that is not uniform."""
+    row = first_step(inputs, tmp_path, "--use_weighting", "--ld_alpha", "0.5")
+    assert row["loss"] > 0 and row["loss"] != pytest.approx(math.log(2), rel=1e-3)
+    assert row["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_label_smoothing_keeps_log2_at_zero_margin(inputs, tmp_path):
     # -(1-ε) log σ(0) - ε log σ(0) = log 2 whatever ε
     row = first_step(inputs, tmp_path, "--label_smoothing", "0.2")
