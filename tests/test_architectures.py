@@ -292,6 +292,7 @@ END_TO_END = {
 }
 
 
+@pytest.mark.slow  # two subprocesses per family
 @pytest.mark.parametrize("name", list(END_TO_END))
 def test_train_and_precompute_ref_give_oracle_log_probs(name, tmp_path):
     """`python -m dpo.train` with the default layout: step-1 logps equal the oracle's means and the margins are 0;
@@ -331,6 +332,7 @@ def test_train_and_precompute_ref_give_oracle_log_probs(name, tmp_path):
     assert float((values - oracle).abs().max()) <= TOLERANCE
 
 
+@pytest.mark.slow  # a subprocess
 def test_an_explicit_layout_that_cannot_be_exact_exits_2_with_one_line(tmp_path):
     from builders import make_data_dir, make_tokenizer
 
