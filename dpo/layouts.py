@@ -32,7 +32,7 @@ import torch
 
 from dpo.config import TrainConfig
 from dpo.data import PreferenceBatch, collate_packed, collate_padded
-from dpo.logprobs import sequence_logps
+from dpo.logprobs import SequenceLogps, sequence_logps
 from dpo.masks import AttentionSpec, attention_spec
 from dpo.prefix_sharing import collate_prefix_shared
 
@@ -147,7 +147,8 @@ def probe_pairs(vocab_size: int, prompt_len: int, *, avoid: Sequence[int] = (), 
     """Deterministic random pairs: a long prompt, a middle one, short ones that share rows with others, a 1-token
     prompt; ids drawn from the embedding rows, skipping special ids such as padding."""
     generator = torch.Generator().manual_seed(seed)
-    allowed = torch.tensor([i for i in range(min(vocab_size, 50_000)) if i not in set(avoid)])
+    avoided = set(avoid)
+    allowed = torch.tensor([i for i in range(min(vocab_size, 50_000)) if i not in avoided])
 
     def ids(n: int) -> list[int]:
         return allowed[torch.randint(len(allowed), (n,), generator=generator)].tolist()
@@ -195,29 +196,34 @@ def _tolerances(padded: torch.Tensor, lengths: torch.Tensor, *, precise: bool, n
 @torch.no_grad()
 def probe_layouts(model: torch.nn.Module, spec: AttentionSpec, candidates: Sequence[Layout], *, pad_token_id: int,
                   max_tokens_per_row: int, precise: bool, longest: int | None = None,
-                  reduce_max: Callable[[float], float] = lambda x: x, stop_at_first: bool = True
-                  ) -> list[ProbeResult]:
+                  reduce_max: Callable[[float], float] = lambda x: x, stop_at_first: bool = True,
+                  device: torch.device | str | None = None) -> list[ProbeResult]:
     """Per-sequence log-probs of each candidate against the padded layout on synthetic pairs, in eval mode.
 
     `precise`: the forward runs in fp32 (tolerance 1e-4 nats + 1e-5 relative); otherwise 16-bit tolerances, with
     the noise floor measured as the difference between two padded arrangements of the same pairs. `reduce_max`
     takes the maximum over processes, so every process decides alike (ZeRO-3 runs every forward on every rank).
-    Candidates are tried in order; with `stop_at_first` the probe ends at the first exact one."""
+    Candidates are tried in order; with `stop_at_first` the probe ends at the first exact one. Batches go to
+    `device` (default: where the model's first parameter is)."""
     config = _config_of(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = _vocab_size(model, text)
     max_positions = getattr(text, "max_position_embeddings", None)
     prompt_len = probe_prompt_length(spec, max_positions=max_positions, longest=longest)
-    pairs = probe_pairs(vocab, prompt_len, avoid=[pad_token_id])
+    pairs = probe_pairs(int(getattr(text, "vocab_size", None) or 32), prompt_len, avoid=[pad_token_id])
+    device = device if device is not None else next(model.parameters()).device
+
+    def logps(batch: PreferenceBatch) -> SequenceLogps:
+        return sequence_logps(model, batch.to(device))
+
     was_training = model.training
     model.eval()
     try:
-        padded_out = sequence_logps(model, collate_padded(pairs, pad_token_id=pad_token_id))
+        padded_out = logps(collate_padded(pairs, pad_token_id=pad_token_id))
         padded = torch.cat([padded_out.chosen_logps, padded_out.rejected_logps]).double().cpu()
         lengths = torch.cat([padded_out.chosen_lengths, padded_out.rejected_lengths]).double().cpu()
         noise = 0.0
         if not precise:  # the same pairs in another order and batch shape: rounding noise of this model
-            again = sequence_logps(model, collate_padded(pairs[::-1], pad_token_id=pad_token_id))
+            again = logps(collate_padded(pairs[::-1], pad_token_id=pad_token_id))
             flipped = torch.cat([again.chosen_logps.flip(0), again.rejected_logps.flip(0)]).double().cpu()
             noise = reduce_max(float((flipped - padded).abs().max()))
         tolerance = _tolerances(padded, lengths, precise=precise, noise=noise)
@@ -227,7 +233,7 @@ def probe_layouts(model: torch.nn.Module, spec: AttentionSpec, candidates: Seque
                                    attention=spec)
             error = None
             try:
-                out = sequence_logps(model, collate(pairs, None))
+                out = logps(collate(pairs, None))
                 gap = (torch.cat([out.chosen_logps, out.rejected_logps]).double().cpu() - padded).abs()
                 finite = bool(torch.isfinite(gap).all())
                 difference = float(gap.max()) if finite else math.inf
@@ -250,11 +256,6 @@ def _config_of(model: torch.nn.Module) -> Any:
     return _unwrap(model).config
 
 
-def _vocab_size(model: torch.nn.Module, text_config: Any) -> int:
-    size = getattr(text_config, "vocab_size", None)
-    return int(size) if size else 32
-
-
 # ------------------------------------------------------------------------------------------------ the decision
 
 
@@ -275,7 +276,8 @@ def static_reason(spec: AttentionSpec, layout: Layout) -> str | None:
 
 def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_sharing: bool | None,
                   pad_token_id: int, max_tokens_per_row: int, precise: bool, longest: int | None = None,
-                  empty_prompts: bool = False, reduce_max: Callable[[float], float] = lambda x: x) -> LayoutChoice:
+                  empty_prompts: bool = False, reduce_max: Callable[[float], float] = lambda x: x,
+                  device: torch.device | str | None = None) -> LayoutChoice:
     """The fastest allowed layout that is exact on every model that will see the batches (the policy, and a
     frozen reference of another architecture). Raises LayoutError when an explicit request cannot be honoured.
 
@@ -309,7 +311,7 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
         for model in models:
             result = probe_layouts(model, spec, [candidate], pad_token_id=pad_token_id,
                                    max_tokens_per_row=max_tokens_per_row, precise=precise, longest=longest,
-                                   reduce_max=reduce_max)[0]
+                                   reduce_max=reduce_max, device=device)[0]
             if not result.exact:
                 failures.append(result.describe())
         if not failures:
@@ -351,4 +353,4 @@ def choose_run_layout(models: Sequence[torch.nn.Module], cfg: TrainConfig, accel
     return choose_layout(models, layout=cfg.layout, prefix_sharing=cfg.prefix_sharing, pad_token_id=pad_token_id,
                          max_tokens_per_row=cfg.max_tokens_per_row,
                          precise=fp32_weights and cfg.mixed_precision == "no", longest=data.longest,
-                         empty_prompts=data.empty_prompts, reduce_max=reduce_max)
+                         empty_prompts=data.empty_prompts, reduce_max=reduce_max, device=accelerator.device)
