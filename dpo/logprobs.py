@@ -1,8 +1,8 @@
 """Per-sequence log-probs of the answers: one forward over the whole batch (chosen and rejected together).
 
-The LM head runs only on scored positions (transformers' boolean `logits_to_keep`), and the log-prob of each label
-is `logit[label] - logsumexp(logits)` taken in chunks of positions, so no full-vocabulary log_softmax tensor is
-ever materialised for the batch.
+The LM head runs only on scored positions (transformers' boolean `logits_to_keep`), chunk by chunk against the
+output embedding (`dpo.lm_head`), so no `[scored positions, vocab]` logits exist in the forward or the backward.
+A model whose head `dpo.lm_head` cannot reproduce takes the dense path: its own logits, then `label_logps`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo.data import PreferenceBatch
+from dpo.lm_head import chunked_head_logps
 
 
 @dataclass
@@ -59,6 +60,16 @@ def scatter_sequence_logps(
     )
 
 
+def dense_head_logps(model: torch.nn.Module, inputs: dict, keep: torch.Tensor, labels: torch.Tensor, *,
+                     chunk_size: int) -> torch.Tensor:
+    """log p(labels) [N] from the model's own logits of the `keep` positions: [N, V] logits exist (and their
+    gradient in backward)."""
+    logits = model(**inputs, logits_to_keep=keep).logits
+    if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
+        logits = logits[keep]
+    return label_logps(logits, labels, chunk_size=chunk_size)
+
+
 def sequence_logps(
     model: torch.nn.Module, batch: PreferenceBatch, *, average: bool = False, chunk_size: int = 1024
 ) -> SequenceLogps:
@@ -67,16 +78,11 @@ def sequence_logps(
     `use_cache=False` matters beyond memory: with a KV cache present transformers ignores the packed position ids
     and a packed forward would attend across sequences.
     """
-    keep = batch.target_seq >= 0
-    outputs = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    logits = outputs.logits  # [N, V], the scored positions in row-major order
-    if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
-        logits = logits[keep]
-    token_logps = label_logps(logits, batch.target_ids[keep], chunk_size=chunk_size)
+    keep = batch.target_seq >= 0  # the scored positions, in row-major order
+    labels = batch.target_ids[keep]
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    token_logps = chunked_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
+    if token_logps is None:  # a head dpo.lm_head cannot reproduce
+        token_logps = dense_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
     return scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
