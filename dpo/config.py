@@ -70,7 +70,7 @@ class TrainConfig:
     layout: str = "packed"  # padded | packed (padding-free rows; exact, see tests/test_layouts.py)
     prefix_sharing: bool = True  # one [prompt | chosen | rejected] sequence per pair, prompt computed once
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
-    logits_chunk_size: int = 1024  # positions per chunk when taking log-probs of labels
+    logits_chunk_size: int = 256  # scored positions per LM-head chunk: extra memory ~ 3 x chunk x vocab x 4 bytes
     mixed_precision: str = "no"  # no | bf16 | fp16
     torch_dtype: str = "auto"  # auto|bf16|fp16|fp32 of frozen weights (LoRA base, reference); auto: model's if mixed
     gradient_checkpointing: bool = False
