@@ -215,3 +215,18 @@ def test_8bit_base_trains_lora(inputs):
     lora_b = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]
     assert lora_b and all(g is not None and torch.isfinite(g).all() for g in lora_b)
     assert any(g.abs().sum() > 0 for g in lora_b)
+
+
+@pytest.mark.distributed
+def test_4bit_under_zero3_is_refused_with_a_config_error(inputs, tmp_path):
+    """A real ZeRO-3 launch (one process) with --load_in_4bit stops before loading any model, naming the fix."""
+    import subprocess
+
+    from tests.test_distributed import REPO, free_port, launch_cmd, launch_env
+
+    cmd = launch_cmd("zero3", ["--model_path", inputs["model"], "--data_path", inputs["data"], "--output_dir",
+                               str(tmp_path / "out"), "--lora", "--load_in_4bit", "--max_steps", "1"],
+                     num_processes=1, port=free_port())
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "ZeRO-3 cannot partition bitsandbytes-quantised weights" in proc.stderr, proc.stderr[-3000:]
