@@ -226,6 +226,25 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_report(args: argparse.Namespace, meta: dict[str, Any], results: list[dict[str, Any]],
+                 argv: list[str] | None) -> None:
+    """Ratios to the TRL row of the same length, then the JSON report, written atomically."""
+    from dpo.bench import hardware
+
+    for r in results:
+        trl = next((t for t in results if "error" not in t and t["name"].startswith("trl/")
+                    and t["name"].endswith(r["name"].rsplit("@", 1)[1])), None)
+        if trl is not None and "error" not in r and not r["name"].startswith("trl/"):
+            r["vs_trl"] = r["peak_mb"] / trl["peak_mb"]
+    report = {"command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "hardware": hardware(), "shape": SHAPE, "parameters": meta["parameters"],
+              "tokens_per_pair": TOKENS_PER_PAIR, "pairs_per_batch": PAIRS_PER_BATCH, "rows": results}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.rename(args.output)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/bench_memory.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of: {', '.join(ROWS)}")
@@ -256,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = build_workload(args.workdir, steps=args.steps, seed=args.seed)
     print(f"[bench_memory] {meta['parameters'] / 1e6:.1f}M parameters, vocabulary {SHAPE['vocab_size']:,}",
           flush=True)
-    results = []
+    results: list[dict[str, Any]] = []
     for name in names:
         cmd = [sys.executable, __file__, "--_row", name, "--steps", str(args.steps), "--chunk-size",
                str(args.chunk_size), "--seed", str(args.seed), "--workdir", str(args.workdir)]
@@ -268,20 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             result = None
         results.append(result or {"name": name, "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"})
         print(f"[bench_memory] {name}: " + (f"peak {result['peak_mb']:.0f} MB" if result else "failed"), flush=True)
-    for r in results:
-        trl = next((t for t in results if "error" not in t and t["name"].startswith("trl/")
-                    and t["name"].endswith(r["name"].rsplit("@", 1)[1])), None)
-        if trl is not None and "error" not in r and not r["name"].startswith("trl/"):
-            r["vs_trl"] = r["peak_mb"] / trl["peak_mb"]
-    from dpo.bench import hardware
-
-    report = {"command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "hardware": hardware(), "shape": SHAPE, "parameters": meta["parameters"],
-              "tokens_per_pair": TOKENS_PER_PAIR, "pairs_per_batch": PAIRS_PER_BATCH, "rows": results}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.rename(args.output)
+        write_report(args, meta, results, argv)  # after every row: a long run interrupted keeps what it measured
     print(format_table(results))
     print(f"[bench_memory] results in {args.output}")
     return 1 if any("error" in r for r in results) else 0
