@@ -57,6 +57,8 @@ class TrainConfig:
     lora_target_modules: list[str] | None = None  # None: every linear layer except the LM head
     lora_adapter_path: str | None = None  # an SFT adapter merged into the frozen base before training
     merge_lora: bool = False  # also write final_merged/ (a full model)
+    load_in_4bit: bool = False  # QLoRA: the LoRA base in 4-bit NF4 with double quantisation (needs bitsandbytes)
+    load_in_8bit: bool = False  # the LoRA base in 8-bit LLM.int8() (needs bitsandbytes)
     # --- batches and schedule
     batch_size: int = 4  # pairs per device per micro-step
     eval_batch_size: int | None = None  # defaults to batch_size
@@ -77,8 +79,9 @@ class TrainConfig:
     layout: str = "auto"  # auto (fastest layout proven exact on this model) | packed | padded; see dpo/layouts.py
     prefix_sharing: bool | None = None  # one [prompt | chosen | rejected] sequence per pair; none: auto (probed)
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
-    logits_chunk_size: int = 1024  # positions per chunk when taking log-probs of labels
+    logits_chunk_size: int = 256  # scored positions per LM-head chunk: extra memory ~ 3 x chunk x vocab x 4 bytes
     mixed_precision: str = "no"  # no | bf16 | fp16
+    torch_dtype: str = "auto"  # auto|bf16|fp16|fp32 of frozen weights (LoRA base, reference); auto: model's if mixed
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about one more forward
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only for folders you trust)
     # --- logging, evaluation, checkpoints
@@ -102,6 +105,7 @@ class TrainConfig:
             "lr_scheduler": ("cosine", "linear", "constant"),
             "mixed_precision": ("no", "bf16", "fp16"),
             "layout": ("auto", "padded", "packed"),
+            "torch_dtype": ("auto", "bf16", "fp16", "fp32"),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -132,6 +136,11 @@ class TrainConfig:
             raise ConfigError(f"max_logratio: must be > 0, got {self.max_logratio!r}")
         if self.merge_lora and not self.lora:
             raise ConfigError("merge_lora: needs --lora")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit: choose one")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.lora:
+            raise ConfigError(f"{'load_in_4bit' if self.load_in_4bit else 'load_in_8bit'}: quantised weights cannot "
+                              f"be fine-tuned in full; add --lora (QLoRA trains adapters on the quantised base)")
         self._validate_objective()
 
     def _validate_objective(self) -> None:

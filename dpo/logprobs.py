@@ -1,8 +1,8 @@
 """Per-sequence log-probs of the answers: one forward over the whole batch (chosen and rejected together).
 
-The LM head runs only on scored positions (transformers' boolean `logits_to_keep`), and the log-prob of each label
-is `logit[label] - logsumexp(logits)` taken in chunks of positions, so no full-vocabulary log_softmax tensor is
-ever materialised for the batch.
+The LM head runs only on scored positions (transformers' boolean `logits_to_keep`), chunk by chunk against the
+output embedding (`dpo.lm_head`), so no `[scored positions, vocab]` logits exist in the forward or the backward.
+A model whose head `dpo.lm_head` cannot reproduce takes the dense path: its own logits, then `label_logps`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo.data import PreferenceBatch
+from dpo.lm_head import chunked_head_logps
 
 
 @dataclass
@@ -69,6 +70,14 @@ def scatter_sequence_logps(
     )
 
 
+def dense_logits(model: torch.nn.Module, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """The model's own [N, V] logits of the `keep` positions (they exist, and their gradient in backward)."""
+    logits = model(**inputs, logits_to_keep=keep).logits
+    if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
+        logits = logits[keep]
+    return logits
+
+
 def sequence_logps(
     model: torch.nn.Module, batch: PreferenceBatch, *, average: bool = False, chunk_size: int = 1024,
     with_log_sum_sq: bool = False,
@@ -78,21 +87,21 @@ def sequence_logps(
     `use_cache=False` matters beyond memory: with a KV cache present transformers ignores the packed position ids
     and a packed forward would attend across sequences.
     """
-    keep = batch.target_seq >= 0
-    outputs = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    logits = outputs.logits  # [N, V], the scored positions in row-major order
-    if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
-        logits = logits[keep]
-    token_logps = label_logps(logits, batch.target_ids[keep], chunk_size=chunk_size)
-    out = scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
-    if with_log_sum_sq:  # WPO's per-token normaliser (dpo/objective.py)
+    keep = batch.target_seq >= 0  # the scored positions, in row-major order
+    labels = batch.target_ids[keep]
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    log_sum_sq = None
+    if with_log_sum_sq:  # WPO's per-token normaliser needs every logit of the scored positions: the dense head
         from dpo.objective import log_sum_sq_probs
 
-        out.token_log_sum_sq = log_sum_sq_probs(logits, chunk_size=chunk_size)
+        logits = dense_logits(model, inputs, keep)
+        token_logps = label_logps(logits, labels, chunk_size=chunk_size)
+        log_sum_sq = log_sum_sq_probs(logits, chunk_size=chunk_size)
+    else:
+        token_logps = chunked_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
+        if token_logps is None:  # a head dpo.lm_head cannot reproduce
+            token_logps = label_logps(dense_logits(model, inputs, keep), labels, chunk_size=chunk_size)
+    out = scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
+    out.token_log_sum_sq = log_sum_sq
     return out

@@ -20,9 +20,13 @@ from dpo.config import TrainConfig
 from dpo.models import atomic_replace_dir, load_base_model
 
 
-def load_trained_adapter(cfg: TrainConfig, adapter_dir: str | Path) -> PeftModel:
-    """The trained adapter on the base it was trained on (`model_path` + SFT adapter merged), in eval mode."""
-    base = load_base_model(cfg.model_path, adapter_path=cfg.lora_adapter_path, cfg=cfg)
+def load_trained_adapter(cfg: TrainConfig, adapter_dir: str | Path, *, dequantize: bool = False) -> PeftModel:
+    """The trained adapter on the base it was trained on (`model_path` + SFT adapter merged, in the frozen dtype and
+    quantised as in training), in eval mode. `dequantize`: a quantised base becomes plain layers holding exactly the
+    dequantised weights training computed with."""
+    base = load_base_model(cfg.model_path, adapter_path=cfg.lora_adapter_path, cfg=cfg, frozen=True)
+    if dequantize and (cfg.load_in_4bit or cfg.load_in_8bit):
+        base = base.dequantize()
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model
@@ -31,8 +35,9 @@ def load_trained_adapter(cfg: TrainConfig, adapter_dir: str | Path) -> PeftModel
 def merge_adapter_into_base(cfg: TrainConfig, adapter_dir: str | Path, merged_dir: str | Path,
                             tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Write base + SFT adapter + trained adapter as one model (safetensors and tokenizer) to `merged_dir`,
-    loadable with `AutoModelForCausalLM.from_pretrained`. The folder appears only once complete."""
-    merged = load_trained_adapter(cfg, adapter_dir).merge_and_unload()
+    loadable with `AutoModelForCausalLM.from_pretrained`. The folder appears only once complete. A quantised base
+    is dequantised first, so the merged model is in the frozen dtype (16-bit with --torch_dtype bf16/fp16)."""
+    merged = load_trained_adapter(cfg, adapter_dir, dequantize=True).merge_and_unload()
     merged_dir = Path(merged_dir)
     tmp = merged_dir.with_name(f".tmp-{merged_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)

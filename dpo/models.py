@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -19,15 +20,20 @@ from transformers import (
 )
 
 from dpo.config import TrainConfig
+from dpo.precision import frozen_weights_dtype, keep_4bit_layers_differentiable, quantization_config
 
 
-def load_causal_lm(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
-                   ) -> PreTrainedModel:
+def load_causal_lm(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+                   quantization: Any = None) -> PreTrainedModel:
     if not Path(path).exists():
         raise FileNotFoundError(f"model path {path!r} does not exist (models load from local folders only)")
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, local_files_only=True,
+        quantization_config=quantization,
     )
+    if quantization is not None:
+        keep_4bit_layers_differentiable(model)
+    return model
 
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
@@ -72,8 +78,8 @@ def _configs(config: PretrainedConfig | None) -> list[PretrainedConfig]:
 
 
 def policy_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype weights load in, for the policy and every frozen reference alike: fp32 master weights, with
-    `mixed_precision` applied by autocast (DeepSpeed casts both engines to its 16-bit dtype the same way)."""
+    """The dtype trainable weights load in: fp32 master weights, with `mixed_precision` applied by autocast
+    (DeepSpeed casts its engines to its 16-bit dtype itself). Frozen weights: `dpo.precision`."""
     return torch.float32
 
 
@@ -85,9 +91,13 @@ def reference_source(cfg: TrainConfig) -> tuple[str, str | None]:
     return cfg.model_path, cfg.lora_adapter_path
 
 
-def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig) -> PreTrainedModel:
-    """A model folder, dropout off, with an SFT LoRA adapter merged into its weights when `adapter_path` is set."""
-    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, dtype=policy_dtype(cfg))
+def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig, frozen: bool = False
+                    ) -> PreTrainedModel:
+    """A model folder, dropout off, with an SFT LoRA adapter merged into its weights when `adapter_path` is set.
+    `frozen` weights (a LoRA base, a reference copy) load in `--torch_dtype`, quantised with --load_in_4bit/8bit."""
+    dtype = frozen_weights_dtype(cfg, path) if frozen else policy_dtype(cfg)
+    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                           quantization=quantization_config(cfg) if frozen else None)
     if adapter_path:
         from peft import PeftModel
 
@@ -99,9 +109,9 @@ def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig) ->
 
 
 def load_reference_model(cfg: TrainConfig) -> PreTrainedModel:
-    """The frozen copy: loaded once, eval mode, no gradients, in the policy's dtype."""
+    """The frozen copy: loaded once, eval mode, no gradients, in the frozen weights' dtype (`dpo.precision`)."""
     path, adapter_path = reference_source(cfg)
-    model = load_base_model(path, adapter_path=adapter_path, cfg=cfg)
+    model = load_base_model(path, adapter_path=adapter_path, cfg=cfg, frozen=True)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -110,7 +120,8 @@ def load_reference_model(cfg: TrainConfig) -> PreTrainedModel:
 def load_policy(cfg: TrainConfig) -> PreTrainedModel:
     """The trainable policy: the SFT model, or it plus a fresh LoRA adapter (an SFT adapter merged first)."""
     # The SFT adapter becomes part of the frozen base: the reference (adapters disabled) is base + SFT.
-    model = load_base_model(cfg.model_path, adapter_path=cfg.lora_adapter_path if cfg.lora else None, cfg=cfg)
+    model = load_base_model(cfg.model_path, adapter_path=cfg.lora_adapter_path if cfg.lora else None, cfg=cfg,
+                            frozen=cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

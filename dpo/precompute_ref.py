@@ -107,7 +107,8 @@ def splits_present(data_path: str | Path) -> list[str]:
 
 def run_fingerprint(cfg: TrainConfig, dataset: datasets.Dataset) -> dict[str, Any]:
     """What the precomputed values of `dataset` must have been computed with to be this run's reference."""
-    from dpo.models import policy_dtype, reference_source
+    from dpo.models import reference_source
+    from dpo.precision import weights_label
 
     path, adapter_path = reference_source(cfg)
     return {
@@ -122,7 +123,7 @@ def run_fingerprint(cfg: TrainConfig, dataset: datasets.Dataset) -> dict[str, An
         "num_pairs": len(dataset),
         "average_log_prob": cfg.average_log_prob,
         "mixed_precision": cfg.mixed_precision,
-        "dtype": str(policy_dtype(cfg)).removeprefix("torch."),
+        "dtype": weights_label(cfg, path),  # the reference weights as loaded: dtype, and quantisation if any
     }
 
 

@@ -6,7 +6,7 @@
     ref_chosen, ref_rejected = reference.logps(policy, batch)       # [B] each, no gradient
 
 - model: a frozen copy of the starting policy (`model_path` + SFT adapter), or of `ref_model_path` when given;
-  loaded once, eval mode, no gradients, in the policy's dtype (`dpo.models.policy_dtype`). Under DeepSpeed ZeRO-3
+  loaded once, eval mode, no gradients, in the frozen weights' dtype (`dpo.precision`). Under DeepSpeed ZeRO-3
   it is an inference-only engine, sharded like the policy.
 - adapters_disabled: the policy itself with its LoRA adapters switched off (no second model in memory). The SFT
   adapter, if any, was merged into the base weights, so it stays on.

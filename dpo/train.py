@@ -41,6 +41,7 @@ from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
 from dpo.objective import answer_logps, loss_kwargs
+from dpo.precision import check_quantized_run
 from dpo.progress import progress_bar
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
@@ -164,6 +165,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision,
                                     gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                     max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size)
+    check_quantized_run(cfg, accelerator)
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:

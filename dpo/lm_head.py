@@ -1,0 +1,160 @@
+"""Answer-token log-probs from the LM head without ever holding `[scored positions, vocab]` logits.
+
+    token_logps = chunked_head_logps(model, inputs, keep, labels, chunk_size=256)  # [N] fp32, or None
+
+The model's own forward runs (through any DDP/DeepSpeed/peft wrapper, with the caller's kwargs unchanged) with a
+pre-hook on its output embedding: the hook keeps the head's input, the final hidden states of the scored positions
+[N, H] (transformers' boolean `logits_to_keep` selects them), and hands the head an empty tensor instead. Then
+`log p(label) = logit[label] - logsumexp(logits)` is taken `chunk_size` rows at a time by calling the head module
+itself - so a bias, tied embeddings, LoRA on the head, a quantised head and the autocast dtype the model's forward
+ran under all apply as they do inside the model - followed by what the model does to logits after its head
+(`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`). With gradients, every chunk is
+checkpointed: backward recomputes its `[chunk, V]` logits rather than keeping them, so the extra memory of forward
+and backward is O(chunk x V) instead of O(N x V).
+
+A head this cannot reproduce is detected, not assumed: once per model, a probe of a few tokens compares these
+logits with the model's own; on a mismatch (or under ZeRO-3, where the head weight is partitioned) this returns
+None, says why once, and the caller takes the model's dense logits instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+PROBE_TOKENS = 8
+_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+class _LabelLogp(torch.autograd.Function):
+    """logits [n, V] (any float dtype), labels [n] -> log softmax(logits)[label] in fp32. Backward builds one
+    [n, V] gradient in place (softmax scaled by -grad, plus grad at the label) instead of autograd's several."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits32 = logits.float()
+        lse = torch.logsumexp(logits32, dim=-1)
+        ctx.save_for_backward(logits, labels, lse)
+        return logits32.gather(-1, labels[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, labels, lse = ctx.saved_tensors
+        out = logits.float().sub(lse[:, None]).exp_().mul_(-grad[:, None])  # d/dlogits of -lse
+        out.scatter_add_(-1, labels[:, None], grad[:, None])  # d/dlogits of logit[label]
+        return out.to(logits.dtype), None
+
+
+def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model's forward does to the head's output before returning logits (identity for most models)."""
+    config = getattr(model, "config", None)
+    scale = getattr(model, "logit_scale", None)  # Cohere: logits * logit_scale
+    divisor = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if isinstance(scale, (int, float)):
+            logits = logits * scale
+        if isinstance(divisor, (int, float)):
+            logits = logits / divisor
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP/DeepSpeed (`.module`) and peft (`.get_base_model()`) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _unsupported_reason(lm: torch.nn.Module, head: torch.nn.Module | None, probe_ids: torch.Tensor) -> str | None:
+    """None when chunked logits reproduce the model's own on a few tokens; otherwise why not."""
+    if head is None:
+        return f"{type(lm).__name__} has no output embedding module"
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        return "the head weight is partitioned by DeepSpeed ZeRO-3"
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    was_training = lm.training
+    lm.eval()  # LoRA dropout on the head would make the two computations differ
+    try:
+        with torch.no_grad():
+            want = lm(input_ids=probe_ids, use_cache=False).logits
+            mine = logit_transform(lm)(head(captured[0])) if len(captured) == 1 else None
+    finally:
+        handle.remove()
+        lm.train(was_training)
+    if mine is None:
+        return f"{type(lm).__name__}'s forward called its output embedding {len(captured)} times, not once"
+    want, mine = want.float(), mine.float()
+    tolerance = 1e-4 if want.dtype == torch.float32 and head.weight.dtype == torch.float32 else 2e-2
+    if mine.shape != want.shape or not torch.allclose(mine, want, rtol=tolerance, atol=tolerance):
+        gap = (mine - want).abs().max().item() if mine.shape == want.shape else "shape"
+        return f"{type(lm).__name__}'s logits are not head(hidden) with the known transforms (max gap {gap})"
+    return None
+
+
+def chunked_head_supported(model: torch.nn.Module, probe_ids: torch.Tensor) -> bool:
+    """Probe once per model whether the chunked head reproduces its logits (saying why once when not)."""
+    lm = causal_lm_of(model)
+    if lm not in _VERDICTS:
+        reason = _unsupported_reason(lm, lm.get_output_embeddings(), probe_ids[:1, :PROBE_TOKENS])
+        if reason is not None:
+            print(f"[dpo] LM head: {reason}; using the model's own logits (memory grows with scored tokens x "
+                  f"vocab)", file=sys.stderr)
+        _VERDICTS[lm] = reason is None
+    return _VERDICTS[lm]
+
+
+def _autocast_state(device_type: str) -> dict[str, Any]:
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type)}
+
+
+def chunked_head_logps(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor, labels: torch.Tensor,
+                       *, chunk_size: int) -> torch.Tensor | None:
+    """log p(labels) [N] fp32 at the `keep` positions [R, T] of one forward of `model(**inputs)`, chunk by chunk;
+    None when the model's head cannot be reproduced (the caller then uses the model's own logits)."""
+    if not chunked_head_supported(model, inputs["input_ids"]):
+        return None
+    lm = causal_lm_of(model)
+    head, transform = lm.get_output_embeddings(), logit_transform(lm)
+    seen: dict[str, Any] = {}
+
+    def take_hidden(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen["hidden"] = args[0]
+        seen["autocast"] = _autocast_state(args[0].device.type)  # the precision the model's forward runs in
+        return (args[0][..., :0, :],) + tuple(args[1:])  # the head computes [0, V]: nothing
+
+    handle = head.register_forward_pre_hook(take_hidden)
+    try:
+        model(**inputs, logits_to_keep=keep)
+    finally:
+        handle.remove()
+    hidden = seen["hidden"]
+    if hidden.dim() == 3:  # a model that does not understand boolean logits_to_keep passed every position
+        hidden = hidden[keep]
+
+    def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(**seen["autocast"]):
+            logits = transform(head(h))
+        return _LabelLogp.apply(logits, y)
+
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+            out.append(checkpoint(chunk_logps, h, y, use_reentrant=False))
+        else:
+            out.append(chunk_logps(h, y))
+    return torch.cat(out) if out else hidden.new_zeros((0,), dtype=torch.float32)
