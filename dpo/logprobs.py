@@ -78,6 +78,12 @@ def dense_logits(model: torch.nn.Module, inputs: dict, keep: torch.Tensor) -> to
     return logits
 
 
+def dense_head_logps(model: torch.nn.Module, inputs: dict, keep: torch.Tensor, labels: torch.Tensor, *,
+                     chunk_size: int) -> torch.Tensor:
+    """log p(labels) [N] from the model's own logits of the `keep` positions (the path `dpo.lm_head` replaces)."""
+    return label_logps(dense_logits(model, inputs, keep), labels, chunk_size=chunk_size)
+
+
 def sequence_logps(
     model: torch.nn.Module, batch: PreferenceBatch, *, average: bool = False, chunk_size: int = 1024,
     with_log_sum_sq: bool = False,
@@ -101,7 +107,7 @@ def sequence_logps(
     else:
         token_logps = chunked_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
         if token_logps is None:  # a head dpo.lm_head cannot reproduce
-            token_logps = label_logps(dense_logits(model, inputs, keep), labels, chunk_size=chunk_size)
+            token_logps = dense_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
     out = scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
     out.token_log_sum_sq = log_sum_sq
     return out
