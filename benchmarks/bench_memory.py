@@ -114,7 +114,8 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     from accelerate import Accelerator
 
     from dpo.config import TrainConfig
-    from dpo.data import make_collate
+    from dpo.layouts import PACKED_SHARED, make_collate
+    from dpo.masks import attention_spec
     from dpo.models import load_policy
     from dpo.reference import build_reference
     from dpo.train import build_optimizer, forward_and_loss
@@ -138,8 +139,9 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     weights, trainable, _ = parameter_bytes(unwrapped, *([reference.model] if reference.model is not None else []))
     after_load = rss_mb()
     pairs = json.loads((args.workdir / "pairs.json").read_text())[length]
-    collate = make_collate(cfg.layout, pad_token_id=0, max_tokens_per_row=cfg.max_tokens_per_row,
-                           prefix_sharing=cfg.prefix_sharing)
+    # The layout the trainer's probe picks for this Qwen2-shaped model (tests/test_architectures.py).
+    collate = make_collate(PACKED_SHARED, pad_token_id=0, max_tokens_per_row=cfg.max_tokens_per_row,
+                           attention=attention_spec(unwrapped.config))
     times, scored = [], 0
     for step in range(args.steps):
         batch = collate(pairs[step * cfg.batch_size:(step + 1) * cfg.batch_size], None).to(accelerator.device)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpo.data import make_collate
+from dpo.layouts import make_collate
 from dpo.lm_head import chunked_head_logps, chunked_head_supported
 from dpo.logprobs import dense_head_logps, sequence_logps
 

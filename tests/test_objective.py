@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo.data import make_collate
+from dpo.layouts import make_collate
 from dpo.logprobs import sequence_logps
 from dpo.objective import answer_logps, answer_positions, log_sum_sq_probs, wpo_weights
 from dpo.tiny import build_model

@@ -17,7 +17,8 @@ import torch
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.data import load_split, make_collate
+from dpo.data import load_split
+from dpo.layouts import make_collate
 from dpo.logprobs import sequence_logps
 from dpo.models import load_base_model, load_policy, load_reference_model
 from dpo.precision import frozen_weights_dtype, weights_label

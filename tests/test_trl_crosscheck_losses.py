@@ -27,7 +27,7 @@ if not trl.__version__.startswith("1.16."):  # the definitions checked here are 
 
 from builders import make_tokenizer  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
-from dpo.data import make_collate  # noqa: E402
+from dpo.layouts import make_collate  # noqa: E402
 from dpo.reference import Reference  # noqa: E402
 from dpo.tiny import build_model  # noqa: E402
 from dpo.train import forward_and_loss  # noqa: E402
