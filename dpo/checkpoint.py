@@ -15,7 +15,9 @@ of every epoch is a function of (seed, epoch), so the step says it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import pickle
 import random
 import re
@@ -126,6 +128,25 @@ def resolve_resume_path(output_dir: str | Path, resume: str, *, log: Callable[[s
 
 # ------------------------------------------------------------------------------------------ saving
 
+LOW_DISK_BYTES = 64 << 20
+
+
+@contextlib.contextmanager
+def reporting_full_disk(target: Path) -> Iterator[None]:
+    """Turn a failed save on a full disk into OSError(ENOSPC) naming `target` (torch's zip writer and safetensors
+    report it as RuntimeError or their own error), and remove the partial `target` folder."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        existing = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
+        if shutil.disk_usage(existing).free >= LOW_DISK_BYTES:
+            raise
+        shutil.rmtree(target, ignore_errors=True)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
+
 
 def rng_state() -> dict[str, Any]:
     """This process's generators as JSON-able data."""
@@ -158,16 +179,18 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    # Accelerate pickles the generators; this process's are kept as JSON instead.
-    (tmp / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
-    (tmp / f"rng_state_{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
+    with reporting_full_disk(tmp):
+        accelerator.save_state(str(tmp))
+        # Accelerate pickles the generators; this process's are kept as JSON instead.
+        (tmp / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
+        (tmp / f"rng_state_{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=2))
-        (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
-        write_manifest(tmp)  # last: a checkpoint with a manifest is complete
+        with reporting_full_disk(tmp):
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=2))
+            (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
+            write_manifest(tmp)  # last: a checkpoint with a manifest is complete
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if save_total_limit:

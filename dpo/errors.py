@@ -11,6 +11,7 @@ its traceback.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from typing import Callable
 
@@ -33,21 +34,32 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _say(line: str) -> None:
+    # Every process of a launch validates the same inputs and fails the same way: one of them reports it.
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line first
+        bar.close()
+    print(line, file=sys.stderr)
+
+
 def run_cli(prog: str, body: Callable[[], object]) -> int:
     """Run `body`; 0 on success, 2 with one line for a user error or a full disk, 3 when training diverged."""
     try:
         body()
     except UserError as exc:
-        print(f"{prog}: {exc.label}: {one_line(str(exc))}", file=sys.stderr)
+        _say(f"{prog}: {exc.label}: {one_line(str(exc))}")
         return EXIT_USER_ERROR
     except TrainingDiverged as exc:
-        print(f"{prog}: {one_line(str(exc))}", file=sys.stderr)
+        _say(f"{prog}: {one_line(str(exc))}")
         return EXIT_DIVERGED
     except OSError as exc:
         if exc.errno not in _DISK_FULL:
             raise
         where = exc.filename or "the output folder"
-        print(f"{prog}: error: no space left writing {where} ({exc.strerror}); free space or choose another "
-              f"output_dir, then resume from the last checkpoint", file=sys.stderr)
+        _say(f"{prog}: error: no space left writing {where} ({exc.strerror}); free space or choose another "
+             f"output_dir, then resume from the last checkpoint")
         return EXIT_USER_ERROR
     return 0

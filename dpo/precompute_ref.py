@@ -192,6 +192,15 @@ def recover_interrupted_swap(data_path: str | Path, *, log: Any = print) -> None
             log(f"[precompute_ref] removed {stale.name}, left by a killed run")
 
 
+def wait_for_recovery(data_path: str | Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    root = Path(data_path)
+    while any((root / f"{s}.old").is_dir() and not (root / s).exists() for s in SPLITS):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]:
     """Compute and store the reference log-probs of `splits`; returns each split's fingerprint (main process)."""
     from dpo.distributed import build_accelerator
@@ -201,9 +210,6 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
                                     max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size or cfg.batch_size)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    if accelerator.is_main_process:
-        recover_interrupted_swap(cfg.data_path, log=log)
-    accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = make_collate(cfg.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
@@ -243,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(argv)
+        if cfg.data_path and Path(cfg.data_path).is_dir():
+            if os.environ.get("RANK", "0") == "0":
+                recover_interrupted_swap(cfg.data_path)
+            else:  # the first process is restoring it
+                wait_for_recovery(cfg.data_path)
         check_inputs(cfg)
         chosen = splits if splits is not None else splits_present(cfg.data_path)
         unknown = [s for s in chosen if s not in SPLITS]

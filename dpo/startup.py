@@ -43,6 +43,9 @@ def check_inputs(cfg: Any) -> None:
             raise UserError(f"{key}: {path} {what}; models load from local Hugging Face folders only")
     if cfg.lora_adapter_path and not (Path(cfg.lora_adapter_path) / "adapter_config.json").is_file():
         raise UserError(f"lora_adapter_path: {cfg.lora_adapter_path} holds no adapter_config.json")
+    if (Path(cfg.data_path) / "train.old").is_dir() and not (Path(cfg.data_path) / "train").exists():
+        raise UserError(f"data_path: {cfg.data_path}/train was being replaced by a dpo.precompute_ref that was "
+                        f"killed (train.old/ is left); run dpo.precompute_ref again to restore and complete it")
     if not (Path(cfg.data_path) / "train").is_dir():
         what = "does not exist" if not Path(cfg.data_path).exists() else "has no train/ split"
         raise UserError(f"data_path: {cfg.data_path} {what}; run data_prep first (python -m data_prep --input ... "

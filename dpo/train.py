@@ -128,8 +128,9 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
     if accelerator.is_main_process:
         tmp = out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        with ckpt.reporting_full_disk(tmp):
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
         if cfg.lora and cfg.lora_adapter_path:
             # This adapter sits on base + SFT adapter; peft's adapter_config only names the bare base, so record
             # the real base beside it (PeftModel.from_pretrained(bare base, final/) would be another model).
