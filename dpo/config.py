@@ -132,6 +132,9 @@ class TrainConfig:
             raise ConfigError("lora_adapter_path: needs --lora (a fresh adapter is trained on top of it)")
         if self.merge_lora and not self.lora:
             raise ConfigError("merge_lora: needs --lora")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ConfigError("overwrite_output_dir: cannot be combined with resume_from_checkpoint (one removes "
+                              "the checkpoints the other resumes from)")
 
     @property
     def reference_free(self) -> bool:

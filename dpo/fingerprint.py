@@ -1,6 +1,6 @@
 """Fingerprints of what a run is made of, and the data contract between prepared data and the model.
 
-    weights_sha256(model_dir)              every weight file, whatever its format, plus the model's config.json
+    weights_sha256(model_dir)              every weight file, whatever its format
     adapter_sha256(adapter_dir)            every adapter weight file plus adapter_config.json
     tokenizer_sha256(tokenizer)            the token definition, special ids and the chat template
     data_sha256(dataset)                   the token columns' contents
@@ -58,7 +58,9 @@ def folder_sha256(folder: str | Path, patterns: tuple[str, ...], *, also: tuple[
 
 
 def weights_sha256(model_dir: str | Path) -> str:
-    return folder_sha256(model_dir, WEIGHT_PATTERNS, also=("config.json",))
+    """The weight files only: a copy of the weights in a folder of their own is the same model (config.json also
+    carries version stamps that change on every re-save)."""
+    return folder_sha256(model_dir, WEIGHT_PATTERNS)
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:

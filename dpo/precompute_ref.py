@@ -11,10 +11,10 @@ adds `ref_chosen_logps` / `ref_rejected_logps` float32 columns to each split. Th
 fingerprint change together. Under several processes each computes a slice, the main process gathers and writes
 every pair's value exactly once.
 
-The fingerprint (dpo/fingerprint.py): sha256 of the reference's weight files in any format and config.json, of the
-SFT adapter's, of the tokenizer with its chat template, of the token columns; `average_log_prob`, `mixed_precision`
-and the weights' dtype. Training refuses precomputed log-probs whose fingerprint differs from the run
-(`check_precomputed`), naming what differs.
+The fingerprint (dpo/fingerprint.py): sha256 of the reference's weight files in any format, of the SFT
+adapter's (with adapter_config.json), of the tokenizer with its chat template, of the token columns;
+`average_log_prob`, `mixed_precision` and the weights' dtype. Training refuses precomputed log-probs whose
+fingerprint differs from the run (`check_precomputed`), naming what differs.
 
 A run killed while swapping a split in (`train/` renamed to `train.old/`, the new folder not yet renamed to
 `train/`) is repaired by the next run: the old split is restored, then recomputed; staging folders of killed runs
@@ -44,7 +44,7 @@ from dpo.startup import check_inputs
 
 FINGERPRINT_FILE = "precomputed_ref.json"
 SPLITS = ("train", "eval")
-FINGERPRINT_VERSION = 2  # 2: every weight format, config.json, the chat template
+FINGERPRINT_VERSION = 2  # 2: every weight format, the chat template
 
 # ----------------------------------------------------------------------------------------- fingerprints
 

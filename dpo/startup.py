@@ -3,6 +3,7 @@
     check_inputs(cfg)                        model, reference, adapter and data paths exist and look right
     check_output_dir(cfg)                    a fresh run refuses a folder holding an earlier run (unless overwriting)
     clear_previous_run(output_dir)           --overwrite_output_dir: removes only what a run writes
+    remove_stale_staging(output_dir)         staging folders of a run killed while saving
     check_resume_config(stored, cfg, log)    resume is the same run, or refused with the list of differences
     apply_learning_rate(scheduler, optimizer, lr)   an allowed learning-rate change takes effect on resume
 
@@ -36,11 +37,11 @@ RESUME_HARMLESS = frozenset({
 def check_inputs(cfg: Any) -> None:
     if not cfg.model_path or not cfg.data_path:
         raise UserError("model_path and data_path are required (--model_path DIR --data_path DIR)")
-    for key in ("model_path", "ref_model_path"):
-        path = getattr(cfg, key)
-        if path and not (Path(path) / "config.json").is_file():
-            what = "does not exist" if not Path(path).exists() else "holds no config.json (not a model folder)"
-            raise UserError(f"{key}: {path} {what}; models load from local Hugging Face folders only")
+    if not (Path(cfg.model_path) / "config.json").is_file():
+        what = "does not exist" if not Path(cfg.model_path).exists() else "holds no config.json (not a model folder)"
+        raise UserError(f"model_path: {cfg.model_path} {what}; models load from local Hugging Face folders only")
+    if cfg.ref_model_path and not Path(cfg.ref_model_path).is_dir():  # a precomputed reference only hashes it
+        raise UserError(f"ref_model_path: {cfg.ref_model_path} does not exist")
     if cfg.lora_adapter_path and not (Path(cfg.lora_adapter_path) / "adapter_config.json").is_file():
         raise UserError(f"lora_adapter_path: {cfg.lora_adapter_path} holds no adapter_config.json")
     if (Path(cfg.data_path) / "train.old").is_dir() and not (Path(cfg.data_path) / "train").exists():
@@ -83,6 +84,13 @@ def clear_previous_run(output_dir: str | Path, *, log: Callable[[str], None]) ->
             path.unlink()
     if found:
         log(f"[dpo] --overwrite_output_dir: removed the earlier run's {', '.join(p.name for p in found)}")
+
+
+def remove_stale_staging(output_dir: str | Path, *, log: Callable[[str], None]) -> None:
+    """Staging folders (.tmp-checkpoint-N, .tmp-final) of a run killed while saving: never complete, never read."""
+    for path in sorted(Path(output_dir).glob(".tmp-*")):
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"[dpo] removed {path.name}, left by a run killed while saving")
 
 
 def resolved_config(cfg: Any) -> dict[str, Any]:

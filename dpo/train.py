@@ -50,6 +50,7 @@ from dpo.startup import (
     check_output_dir,
     check_resume_config,
     clear_previous_run,
+    remove_stale_staging,
     resolved_config,
 )
 
@@ -224,19 +225,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
 
     # ---- outputs (inputs are valid by now), resume
     guard = DivergenceGuard([p for p in unwrapped_policy.parameters() if p.requires_grad], accelerator, log=log)
-    if accelerator.is_main_process:
-        if cfg.overwrite_output_dir and not resume_path:
-            clear_previous_run(out_dir, log=log)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     state = ckpt.TrainerState()
-    writer = MetricsWriter(out_dir, enabled=accelerator.is_main_process, use_wandb=cfg.use_wandb,
-                           run_name=cfg.run_name, wandb_project=cfg.wandb_project, config=config_to_dict(cfg))
     if resume_path:
         state = ckpt.load_checkpoint(accelerator, resume_path, scheduler=scheduler)
         if scheduler.base_lrs[0] != cfg.learning_rate:  # allowed by --resume_allow_changes
             apply_learning_rate(scheduler, optimizer, cfg.learning_rate)
+    if accelerator.is_main_process:
+        if cfg.overwrite_output_dir:
+            clear_previous_run(out_dir, log=log)
+        remove_stale_staging(out_dir, log=log)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    writer = MetricsWriter(out_dir, enabled=accelerator.is_main_process, use_wandb=cfg.use_wandb,
+                           run_name=cfg.run_name, wandb_project=cfg.wandb_project, config=config_to_dict(cfg))
+    if resume_path:
         writer.truncate_after(state.step)
         log(f"[dpo] resumed from {resume_path} at step {state.step}")
 

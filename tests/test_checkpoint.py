@@ -91,6 +91,7 @@ def test_checkpoints_hold_only_data(inputs):
 def test_a_crafted_pickle_never_runs_on_resume(inputs, tmp_path, capsys, hostile):
     out = interrupted_copy(inputs, tmp_path)
     checkpoint = out / "checkpoint-4"
+    config_before = (out / "config.yaml").read_bytes()
     marker = tmp_path / "marker"
     target = {"added_pickle": "custom_checkpoint_0.pkl", "added_pickle_in_manifest": "custom_checkpoint_0.pkl",
               "optimizer_replaced": "optimizer.bin", "random_states_in_manifest": "random_states_0.pkl"}[hostile]
@@ -105,7 +106,7 @@ def test_a_crafted_pickle_never_runs_on_resume(inputs, tmp_path, capsys, hostile
         assert "optimizer.bin: holds Python objects" in one_error_line(capsys)
     else:  # a pickle is never read, listed or not
         assert f"{target}: a pickle" in one_error_line(capsys)
-    assert not (out / "final").exists()
+    assert not (out / "final").exists() and (out / "config.yaml").read_bytes() == config_before
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(inputs, tmp_path, capsys):
@@ -117,10 +118,13 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(inputs, tmp_pa
     # Named by file when asked for explicitly.
     assert main(args(inputs, out, "--resume_from_checkpoint", str(out / "checkpoint-4"))) == 2
     assert f"{weights.name}: corrupted" in one_error_line(capsys)
+    (out / ".tmp-checkpoint-6").mkdir()  # a save interrupted by a kill
+    (out / ".tmp-checkpoint-6" / "optimizer.bin").write_bytes(b"partial")
     # latest: says so, takes checkpoint-2, and ends where the uninterrupted run ended.
     assert main(args(inputs, out, "--resume_from_checkpoint", "latest")) == 0
     said = capsys.readouterr().out
     assert f"skipping checkpoint-4: {weights}: corrupted" in said and "resuming from checkpoint-2" in said
+    assert "removed .tmp-checkpoint-6" in said and not (out / ".tmp-checkpoint-6").exists()
     assert_same_final(out, inputs["full"])
     full_rows = [(r["step"], r["loss"]) for r in read_metrics(inputs["full"])]
     assert [(r["step"], r["loss"]) for r in read_metrics(out)] == pytest.approx(full_rows, rel=1e-6)

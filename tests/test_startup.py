@@ -159,3 +159,10 @@ def test_precompute_ref_recovers_from_a_kill_between_its_renames(inputs, tmp_pat
         assert (data / split / FINGERPRINT_FILE).is_file()
         assert len(datasets.load_from_disk(str(data / split))) == len(datasets.load_from_disk(
             str(Path(inputs["data"]) / split)))
+
+
+def test_overwriting_and_resuming_together_is_a_config_error():
+    from dpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="overwrite_output_dir: cannot be combined with resume_from_checkpoint"):
+        load_config(["--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
