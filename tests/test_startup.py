@@ -166,3 +166,22 @@ def test_overwriting_and_resuming_together_is_a_config_error():
 
     with pytest.raises(ConfigError, match="overwrite_output_dir: cannot be combined with resume_from_checkpoint"):
         load_config(["--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
+
+
+@pytest.mark.distributed
+def test_two_processes_report_a_user_error_once_with_exit_2(inputs, tmp_path):
+    """Through dpo.launch (what ./launch.sh train runs) with 2 processes: torch's elastic agent would turn the
+    processes' exit 2 into its own traceback and exit 1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "dpo.launch", "--config_file", "accelerate_configs/ddp.yaml",
+                           "--num_processes", "2", "--main_process_port", str(port), "-m", "dpo.train",
+                           "--model_path", str(tmp_path / "nope"), "--data_path", inputs["data"], "--output_dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("dpo.train: error:")]) == 1
