@@ -97,6 +97,8 @@ def verify_checkpoint(folder: str | Path) -> None:
             raise CheckpointError(f"{folder / name}: not part of the checkpoint (not in {MANIFEST_FILE}); it was "
                                   f"added later and is refused, remove it if it is yours")
     for name, (size, digest) in sizes_and_digests.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{manifest_path}: lists {name!r}, outside the checkpoint folder")
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint")

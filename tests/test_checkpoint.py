@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
-from dpo.checkpoint import MANIFEST_FILE, list_checkpoints, verify_checkpoint, write_manifest
+from dpo.checkpoint import MANIFEST_FILE, CheckpointError, list_checkpoints, verify_checkpoint, write_manifest
 from dpo.config import load_config
 from dpo.metrics import read_metrics
 from dpo.train import main, train
@@ -166,3 +166,12 @@ def test_allowed_changes(inputs, tmp_path, capsys):
     full = {r["step"]: r["learning_rate"] for r in read_metrics(inputs["full"]) if r["split"] == "train"}
     assert resumed[5] == pytest.approx(2 * full[5], rel=1e-9) and resumed[4] == pytest.approx(full[4])
     assert load_config(["--config", str(out / "config.yaml")]).learning_rate == 2e-3
+
+
+def test_a_forged_manifest_cannot_point_outside_the_checkpoint(inputs, tmp_path):
+    checkpoint = Path(shutil.copytree(list_checkpoints(inputs["full"])[-1], tmp_path / "checkpoint-4"))
+    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    manifest["files"]["../outside.bin"] = {"size": 1, "sha256": "0" * 64}
+    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        verify_checkpoint(checkpoint)
