@@ -135,7 +135,8 @@ case "$cmd" in
     [ -n "${MACHINE_RANK:-}" ] && launch+=(--machine_rank "$MACHINE_RANK")
     [ -n "${MAIN_PROCESS_IP:-}" ] && launch+=(--main_process_ip "$MAIN_PROCESS_IP")
     [ -n "${MAIN_PROCESS_PORT:-}" ] && launch+=(--main_process_port "$MAIN_PROCESS_PORT")
-    exec "$PYTHON" -m accelerate.commands.launch "${launch[@]}" -m dpo.train ${args[@]+"${args[@]}"}
+    # dpo.launch is accelerate launch keeping the exit status (2: a user error) without a launcher traceback.
+    exec "$PYTHON" -m dpo.launch "${launch[@]}" -m dpo.train ${args[@]+"${args[@]}"}
     ;;
   demo)
     ensure_installed test matplotlib

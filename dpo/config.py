@@ -9,6 +9,7 @@ Unknown keys and values of the wrong type are errors that name the key. Boolean 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,9 +19,13 @@ from typing import Any
 
 import yaml
 
+from dpo.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration that cannot be used; the message names the key."""
+
+    label = "config error"
 
 
 @dataclass
@@ -93,6 +98,8 @@ class TrainConfig:
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
+    resume_allow_changes: bool = False  # resume even when settings that change the run differ from the checkpoint's
+    overwrite_output_dir: bool = False  # a fresh run replaces an earlier run's checkpoints, metrics and final model
     use_wandb: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "dpo-pipeline"  # the wandb project
 
@@ -100,6 +107,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for key, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         choices = {
             "reference": ("auto", "model", "adapters_disabled", "precomputed"),
             "lr_scheduler": ("cosine", "linear", "constant"),
@@ -136,6 +146,9 @@ class TrainConfig:
             raise ConfigError(f"max_logratio: must be > 0, got {self.max_logratio!r}")
         if self.merge_lora and not self.lora:
             raise ConfigError("merge_lora: needs --lora")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ConfigError("overwrite_output_dir: cannot be combined with resume_from_checkpoint (one removes "
+                              "the checkpoints the other resumes from)")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit: choose one")
         if (self.load_in_4bit or self.load_in_8bit) and not self.lora:
@@ -329,7 +342,12 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"config: no such file {config_path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{config_path}:{mark.line + 1}" if mark is not None else config_path
+            raise ConfigError(f"config: {where} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {config_path} must hold a mapping of key: value")
         _apply(values, loaded, from_cli=False, source=config_path)

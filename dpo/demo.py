@@ -259,7 +259,8 @@ def run_data_prep(raw_dir: Path, tokenizer_dir: Path, prepped_dir: Path) -> None
 def run_dpo(model_dir: Path, prepped_dir: Path, output_dir: Path, size: DemoSize, *, seed: int) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
                "-m", "dpo.train", "--config", str(RECIPE), "--model_path", str(model_dir),
-               "--data_path", str(prepped_dir), "--output_dir", str(output_dir), "--seed", str(seed)]
+               "--data_path", str(prepped_dir), "--output_dir", str(output_dir), "--seed", str(seed),
+               "--overwrite_output_dir"]  # a demo run replaces the previous demo's training outputs
     if size.dpo_steps is not None:
         command += ["--max_steps", str(size.dpo_steps)]
     print("$ " + " ".join(command), flush=True)

@@ -109,3 +109,13 @@ def gathered_parameters(params: list[torch.nn.Parameter], *, modify: bool) -> An
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def deepspeed_checkpoint_globals() -> list[Any]:
+    """The plain-data DeepSpeed classes its optimizer-state files pickle (an enum, a dataclass of ints, the loss
+    scaler's attributes): allowed by a `weights_only` load of a checkpoint, nothing else is."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler]

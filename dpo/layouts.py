@@ -32,6 +32,7 @@ import torch
 
 from dpo.config import TrainConfig
 from dpo.data import PreferenceBatch, collate_packed, collate_padded
+from dpo.errors import UserError
 from dpo.logprobs import SequenceLogps, sequence_logps
 from dpo.masks import AttentionSpec, attention_spec
 from dpo.prefix_sharing import collate_prefix_shared
@@ -46,7 +47,7 @@ PROBE_ANSWERS = ((5, 7), (9, 3), (4, 6), (2, 5))  # (chosen, rejected) tokens of
 MIN_PROBE_PROMPT = 24
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """An explicitly requested layout that is not exact for the model: the message names the layout, the model
     class and the measured difference."""
 

@@ -11,14 +11,18 @@ adds `ref_chosen_logps` / `ref_rejected_logps` float32 columns to each split. Th
 fingerprint change together. Under several processes each computes a slice, the main process gathers and writes
 every pair's value exactly once.
 
-The fingerprint: sha256 of the reference weights (safetensors files) and of the SFT adapter, of the tokenizer, of
-the token columns; `average_log_prob`, `mixed_precision` and the weights' dtype. Training refuses precomputed
-log-probs whose fingerprint differs from the run (`check_precomputed`), naming what differs.
+The fingerprint (dpo/fingerprint.py): sha256 of the reference's weight files in any format, of the SFT
+adapter's (with adapter_config.json), of the tokenizer with its chat template, of the token columns;
+`average_log_prob`, `mixed_precision` and the weights' dtype. Training refuses precomputed log-probs whose
+fingerprint differs from the run (`check_precomputed`), naming what differs.
+
+A run killed while swapping a split in (`train/` renamed to `train.old/`, the new folder not yet renamed to
+`train/`) is repaired by the next run: the old split is restored, then recomputed; staging folders of killed runs
+(`.tmp-<split>-ref`) are removed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,69 +38,15 @@ import torch
 
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.config_help import format_help, wants_help
-from dpo.data import REF_COLUMNS, REQUIRED_COLUMNS, eval_micro_batches, has_ref_columns, load_split
-from dpo.layouts import LayoutError, choose_run_layout, data_shape, make_collate
+from dpo.data import REF_COLUMNS, eval_micro_batches, has_ref_columns, load_split
+from dpo.errors import UserError, run_cli
+from dpo.fingerprint import adapter_sha256, check_data_contract, data_sha256, tokenizer_sha256, weights_sha256
+from dpo.layouts import choose_run_layout, data_shape, make_collate
+from dpo.startup import check_inputs
 
 FINGERPRINT_FILE = "precomputed_ref.json"
 SPLITS = ("train", "eval")
-FINGERPRINT_VERSION = 1
-
-# ------------------------------------------------------------------------------------------------ hashing
-
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so a run that checks twice reads big weights once."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        _FILE_DIGESTS[key] = digest.hexdigest()
-    return _FILE_DIGESTS[key]
-
-
-def folder_sha256(folder: str | Path, patterns: tuple[str, ...]) -> str:
-    """One digest over the files of `folder` matching `patterns`, by name then content."""
-    folder = Path(folder)
-    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
-    if not files:
-        raise FileNotFoundError(f"{folder}: no {' or '.join(patterns)} files to fingerprint")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}\0{file_sha256(path)}\0".encode())
-    return digest.hexdigest()
-
-
-def tokenizer_sha256(cfg: TrainConfig) -> str:
-    """The tokenizer training uses (data_path/tokenizer, else the model's): its full serialised definition."""
-    from dpo.models import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    special = json.dumps([tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id])
-    return hashlib.sha256((body + special).encode()).hexdigest()
-
-
-def data_sha256(dataset: datasets.Dataset) -> str:
-    """sha256 of the token columns' contents (row lengths and ids, as int64), independent of how the rows are
-    chunked into shards and of any other column (so adding the reference columns keeps it)."""
-    if dataset._indices is not None:  # a selected/shuffled view: hash what it shows
-        dataset = dataset.flatten_indices()
-    digest = hashlib.sha256(f"{len(dataset)}".encode())
-    for name in REQUIRED_COLUMNS:
-        lengths, values = hashlib.sha256(), hashlib.sha256()
-        for chunk in dataset.data.column(name).chunks:
-            offsets = np.asarray(chunk.offsets, dtype=np.int64)
-            lengths.update(np.diff(offsets).astype("<i8").tobytes())
-            values.update(np.asarray(chunk.flatten(), dtype="<i8").tobytes())
-        digest.update(f"{name}:{lengths.hexdigest()}:{values.hexdigest()}".encode())
-    return digest.hexdigest()
-
+FINGERPRINT_VERSION = 2  # 2: every weight format, the chat template
 
 # ----------------------------------------------------------------------------------------- fingerprints
 
@@ -107,18 +57,17 @@ def splits_present(data_path: str | Path) -> list[str]:
 
 def run_fingerprint(cfg: TrainConfig, dataset: datasets.Dataset) -> dict[str, Any]:
     """What the precomputed values of `dataset` must have been computed with to be this run's reference."""
-    from dpo.models import reference_source
+    from dpo.models import load_tokenizer, reference_source
     from dpo.precision import weights_label
 
     path, adapter_path = reference_source(cfg)
     return {
         "version": FINGERPRINT_VERSION,
         "reference_model": str(Path(path).resolve()),
-        "weights_sha256": folder_sha256(path, ("*.safetensors",)),
+        "weights_sha256": weights_sha256(path),
         "adapter_path": str(Path(adapter_path).resolve()) if adapter_path else None,
-        "adapter_sha256": folder_sha256(adapter_path, ("*.safetensors", "adapter_config.json"))
-        if adapter_path else None,
-        "tokenizer_sha256": tokenizer_sha256(cfg),
+        "adapter_sha256": adapter_sha256(adapter_path) if adapter_path else None,
+        "tokenizer_sha256": tokenizer_sha256(load_tokenizer(cfg)),
         "data_sha256": data_sha256(dataset),
         "num_pairs": len(dataset),
         "average_log_prob": cfg.average_log_prob,
@@ -169,10 +118,10 @@ def precomputed_mismatch(cfg: TrainConfig, split: str) -> str | None:
 
 
 def check_precomputed(cfg: TrainConfig, split: str) -> None:
-    """Raise ValueError naming every difference between `split`'s precomputed fingerprint and this run."""
+    """Raise UserError naming every difference between `split`'s precomputed fingerprint and this run."""
     problem = precomputed_mismatch(cfg, split)
     if problem is not None:
-        raise ValueError(
+        raise UserError(
             f"precomputed reference log-probs in {cfg.data_path} do not match this run: {problem}. Recompute them "
             f"with `python -m dpo.precompute_ref` and the same config as training (--model_path {cfg.model_path} "
             f"--data_path {cfg.data_path} --average_log_prob {str(cfg.average_log_prob).lower()} "
@@ -230,6 +179,31 @@ def write_split_with_reference(split_dir: Path, dataset: datasets.Dataset, chose
     atomic_replace_dir(tmp, split_dir)
 
 
+def recover_interrupted_swap(data_path: str | Path, *, log: Any = print) -> None:
+    """Undo what a killed run left between the two renames of `atomic_replace_dir`, and its staging folders."""
+    root = Path(data_path)
+    for split in SPLITS:
+        split_dir, old = root / split, root / f"{split}.old"
+        if old.is_dir() and not split_dir.exists():
+            old.rename(split_dir)
+            log(f"[precompute_ref] restored {split_dir} from {old.name} (a run was killed while replacing it)")
+        elif old.is_dir():
+            shutil.rmtree(old)  # killed after the new split was in place: the old one is no longer needed
+        stale = root / f".tmp-{split}-ref"
+        if stale.exists():
+            shutil.rmtree(stale)
+            log(f"[precompute_ref] removed {stale.name}, left by a killed run")
+
+
+def wait_for_recovery(data_path: str | Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    root = Path(data_path)
+    while any((root / f"{s}.old").is_dir() and not (root / s).exists() for s in SPLITS):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]:
     """Compute and store the reference log-probs of `splits`; returns each split's fingerprint (main process)."""
     from dpo.distributed import build_accelerator
@@ -252,7 +226,7 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     for split in splits:
         dataset = load_split(cfg.data_path, split)
         if dataset is None:
-            raise FileNotFoundError(f"{cfg.data_path}/{split}: missing")
+            raise UserError(f"{cfg.data_path}/{split}: missing; run data_prep first")
         start = time.perf_counter()
         result = reference_logps_of_split(reference, dataset, collate, cfg, accelerator)
         if accelerator.is_main_process:
@@ -283,24 +257,23 @@ def main(argv: list[str] | None = None) -> int:
             splits = [s for s in arg.split("=", 1)[1].split(",") if s]
             del argv[i]
             break
-    try:
+
+    def body() -> None:
         cfg = load_config(argv)
-        if not cfg.model_path or not cfg.data_path:
-            raise ConfigError("model_path and data_path are required")
-    except ConfigError as exc:
-        print(f"dpo.precompute_ref: config error: {exc}", file=sys.stderr)
-        return 2
-    splits = splits if splits is not None else splits_present(cfg.data_path)
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown or not splits:
-        print(f"dpo.precompute_ref: --splits must name some of {', '.join(SPLITS)}, got {splits}", file=sys.stderr)
-        return 2
-    try:
-        precompute(cfg, splits)
-    except LayoutError as exc:
-        print(f"dpo.precompute_ref: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        if cfg.data_path and Path(cfg.data_path).is_dir():
+            if os.environ.get("RANK", "0") == "0":
+                recover_interrupted_swap(cfg.data_path)
+            else:  # the first process is restoring it
+                wait_for_recovery(cfg.data_path)
+        check_inputs(cfg)
+        chosen = splits if splits is not None else splits_present(cfg.data_path)
+        unknown = [s for s in chosen if s not in SPLITS]
+        if unknown or not chosen:
+            raise ConfigError(f"--splits must name some of {', '.join(SPLITS)}, got {chosen}")
+        check_data_contract(cfg, {s: load_split(cfg.data_path, s) for s in chosen})
+        precompute(cfg, chosen)
+
+    return run_cli("dpo.precompute_ref", body)
 
 
 if __name__ == "__main__":

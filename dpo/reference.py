@@ -32,6 +32,7 @@ import torch
 
 from dpo.config import TrainConfig
 from dpo.data import PreferenceBatch
+from dpo.errors import UserError
 from dpo.logprobs import sequence_logps
 from dpo.objective import answer_logps
 
@@ -42,7 +43,7 @@ def _stderr(message: str) -> None:
 
 def resolve_reference_kind(cfg: TrainConfig, *, train_has_precomputed: bool,
                            log: Callable[[str], None] = _stderr) -> str:
-    """The strategy for this run; raises ValueError when an explicit choice cannot give the right reference."""
+    """The strategy for this run; raises UserError when an explicit choice cannot give the right reference."""
     from dpo.models import reference_source
     from dpo.precompute_ref import check_precomputed, precomputed_mismatch, splits_present
 
@@ -51,7 +52,7 @@ def resolve_reference_kind(cfg: TrainConfig, *, train_has_precomputed: bool,
     separate_reference = reference_source(cfg)[0] != cfg.model_path
     if cfg.reference == "precomputed":
         if not train_has_precomputed:
-            raise ValueError(
+            raise UserError(
                 f"reference: 'precomputed' but {cfg.data_path}/train has no ref_chosen_logps/ref_rejected_logps; "
                 f"run `python -m dpo.precompute_ref --model_path {cfg.model_path} --data_path {cfg.data_path}`"
             )
@@ -60,8 +61,8 @@ def resolve_reference_kind(cfg: TrainConfig, *, train_has_precomputed: bool,
         return "precomputed"
     if cfg.reference == "adapters_disabled":
         if separate_reference:
-            raise ValueError(f"reference: 'adapters_disabled' uses the policy's own base weights, but "
-                             f"ref_model_path is {cfg.ref_model_path!r}; use --reference model for a separate model")
+            raise UserError(f"reference: 'adapters_disabled' uses the policy's own base weights, but "
+                            f"ref_model_path is {cfg.ref_model_path!r}; use --reference model for a separate model")
         return "adapters_disabled"
     if cfg.reference == "model":
         return "model"

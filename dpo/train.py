@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
-from dpo.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from dpo.config import TrainConfig, config_to_dict, load_config, save_config
 from dpo.config_help import format_help, wants_help
 from dpo.data import (
     PreferenceBatch,
@@ -35,7 +35,10 @@ from dpo.data import (
     train_micro_batches,
 )
 from dpo.distributed import build_accelerator
-from dpo.layouts import LayoutError, choose_run_layout, data_shape, make_collate
+from dpo.errors import TrainingDiverged, UserError, run_cli
+from dpo.fingerprint import check_data_contract
+from dpo.guard import DivergenceGuard
+from dpo.layouts import choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
@@ -45,10 +48,17 @@ from dpo.precision import check_quantized_run
 from dpo.progress import progress_bar
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
+from dpo.startup import (
+    apply_learning_rate,
+    check_inputs,
+    check_output_dir,
+    check_resume_config,
+    clear_previous_run,
+    remove_stale_staging,
+    resolved_config,
+)
 
-
-class TrainingDiverged(RuntimeError):
-    """A NaN or infinite loss or gradient norm: the run stops before the optimizer step."""
+__all__ = ["TrainingDiverged", "forward_and_loss", "evaluate", "main", "train"]
 
 
 @dataclass
@@ -123,8 +133,9 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
     if accelerator.is_main_process:
         tmp = out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        with ckpt.reporting_full_disk(tmp):
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
         if cfg.lora and cfg.lora_adapter_path:
             # This adapter sits on base + SFT adapter; peft's adapter_config only names the bare base, so record
             # the real base beside it (PeftModel.from_pretrained(bare base, final/) would be another model).
@@ -140,24 +151,25 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0; 2 with one line for a user error (bad config, path, checkpoint, layout, full disk); 3 when it
+    diverged."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
         print(format_help("python -m dpo.train", __doc__.split("\n\n")[0]), end="")
         return 0
-    try:
-        cfg = load_config(argv)
-    except ConfigError as exc:
-        print(f"dpo.train: config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg)
-    except TrainingDiverged as exc:
-        print(f"dpo.train: {exc}", file=sys.stderr)
-        return 3
-    except LayoutError as exc:
-        print(f"dpo.train: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("dpo.train", lambda: train(load_config(argv)))
+
+
+def validate_startup(cfg: TrainConfig, log: Any) -> Path | None:
+    """Everything checked before a run writes anything: inputs, output folder, and for a resume the checkpoint
+    (verified) and its config (the same run). Returns the checkpoint to resume from."""
+    check_inputs(cfg)
+    check_output_dir(cfg)
+    if not cfg.resume_from_checkpoint:
+        return None
+    path = ckpt.resolve_resume_path(cfg.output_dir, cfg.resume_from_checkpoint, log=log)
+    check_resume_config(ckpt.read_run_config(path), cfg, log=log)
+    return path
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow, read top to bottom
@@ -168,18 +180,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     check_quantized_run(cfg, accelerator)
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    resume_path = validate_startup(cfg, log)  # nothing is written to out_dir before this passes
 
-    # ---- data
-    if not cfg.model_path or not cfg.data_path:
-        raise ConfigError("model_path and data_path are required")
+    # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
-    if train_ds is None:
-        raise FileNotFoundError(f"{cfg.data_path}/train: missing; run data_prep first")
     eval_ds = load_split(cfg.data_path, "eval")
+    final_tokenizer = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes
@@ -187,9 +194,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                                                 accumulation=cfg.gradient_accumulation_steps)
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} training pairs cannot fill one global batch of {global_batch} "
-                         f"(batch_size {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
-                         f"{world} processes)")
+        raise UserError(f"{len(train_ds)} training pairs cannot fill one global batch of {global_batch} "
+                        f"(batch_size {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+                        f"{world} processes); lower batch_size or gradient_accumulation_steps")
     total_steps = total_optimizer_steps(cfg, steps_per_epoch)
     left_out = len(train_ds) - steps_per_epoch * global_batch
     log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "
@@ -215,9 +222,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     # The scheduler is stepped once per optimizer step by this loop (Accelerate's wrapper would step it once per
-    # process); it is registered so that save_state/load_state carry it.
+    # process); checkpoints carry its state as JSON (dpo/checkpoint.py), never as a pickle.
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     unwrapped_policy = accelerator.unwrap_model(policy)
     reference = build_reference(ref_kind, cfg, accelerator)
 
@@ -233,19 +239,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)
         log(f"[dpo] trainable parameters: {n_train:,}" + (" (LoRA)" if is_peft_model(unwrapped_policy) else ""))
 
-    # ---- resume
+    # ---- outputs (inputs are valid by now), resume
+    guard = DivergenceGuard([p for p in unwrapped_policy.parameters() if p.requires_grad], accelerator, log=log)
     state = ckpt.TrainerState()
+    if resume_path:
+        state = ckpt.load_checkpoint(accelerator, resume_path, scheduler=scheduler)
+        if cfg.sync_ref_model:  # TR-DPO: the reference has moved with the policy; restore it as saved
+            load_reference(reference.model, resume_path, accelerator)
+        if scheduler.base_lrs[0] != cfg.learning_rate:  # allowed by --resume_allow_changes
+            apply_learning_rate(scheduler, optimizer, cfg.learning_rate)
+    if accelerator.is_main_process:
+        if cfg.overwrite_output_dir:
+            clear_previous_run(out_dir, log=log)
+        remove_stale_staging(out_dir, log=log)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     writer = MetricsWriter(out_dir, enabled=accelerator.is_main_process, use_wandb=cfg.use_wandb,
                            run_name=cfg.run_name, wandb_project=cfg.wandb_project, config=config_to_dict(cfg))
-    if cfg.resume_from_checkpoint:
-        path = ckpt.resolve_resume_path(out_dir, cfg.resume_from_checkpoint)
-        state = ckpt.load_checkpoint(accelerator, path)
-        if cfg.sync_ref_model:  # TR-DPO: the reference has moved with the policy; restore it as saved
-            load_reference(reference.model, path, accelerator)
+    if resume_path:
         writer.truncate_after(state.step)
-        log(f"[dpo] resumed from {path} at step {state.step}")
-    elif accelerator.is_main_process and (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()  # a fresh run in an old dir starts a fresh log
+        log(f"[dpo] resumed from {resume_path} at step {state.step}")
 
     # ---- the loop
     accumulator = MetricAccumulator(accelerator.device)
@@ -270,14 +284,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                     grad_norm = math.nan if norm is None else float(norm)  # NaN in the log: not reported
                     lr = scheduler.get_last_lr()[0]
                     step_metrics = accumulator.reduce(accelerator)
-                    if not math.isfinite(step_metrics["loss"]) or (norm is not None and not math.isfinite(grad_norm)):
-                        raise TrainingDiverged(
-                            f"non-finite loss ({step_metrics['loss']}) or gradient norm ({grad_norm}) at step "
-                            f"{state.step + 1}; {step_not_applied(accelerator)}. Lower the learning rate or beta, "
-                            f"check the data, and resume from the last checkpoint in {out_dir}.")
+                    guard.check_step(state.step + 1, step_metrics["loss"], None if norm is None else grad_norm,
+                                     not_applied=step_not_applied(accelerator))
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    guard.check_weights(state.step + 1)  # before anything of this step can be saved
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -302,7 +314,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                ckpt.save_checkpoint(accelerator, out_dir, state, save_total_limit=cfg.save_total_limit,
+                ckpt.save_checkpoint(accelerator, out_dir, state, scheduler=scheduler, run_config=resolved_config(cfg),
+                                     save_total_limit=cfg.save_total_limit,
                                      save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
                                      if cfg.sync_ref_model else None)
             if state.step >= total_steps or state.stopped_early:
@@ -310,7 +323,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     progress.close()
 
     # ---- final model
-    save_final(accelerator, policy, tokenizer, cfg)
+    save_final(accelerator, policy, final_tokenizer, cfg)
     writer.close()
     log(f"[dpo] done at step {state.step}; final model in {out_dir / 'final'}")
     return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
@@ -321,7 +334,7 @@ def step_not_applied(accelerator: Any) -> str:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return "DeepSpeed had already applied this step, so the weights in memory are suspect (nothing was saved)"
+        return "DeepSpeed had already applied this step, so the weights in memory are suspect"
     return "the optimizer step was not taken"
 
 

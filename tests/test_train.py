@@ -183,11 +183,13 @@ def test_early_stopping_and_logratio_warning(inputs, tmp_path, capsys):
     assert "max_logratio" not in capsys.readouterr().out
 
 
-def test_divergence_stops_before_the_step_and_keeps_the_checkpoint(inputs, tmp_path):
+def test_divergence_stops_before_the_step_and_keeps_the_checkpoint(inputs, tmp_path, capsys):
     out = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match="non-finite"):
         run(inputs, out, "--batch_size", "4", "--max_steps", "10", "--save_steps", "1", "--learning_rate", "1e30",
             "--max_grad_norm", "0")
+    # Step 1 took the weights to ~1e30 (finite): warned at once, long before the NaN of step 2.
+    assert "WARNING: the trainable weights' norm" in capsys.readouterr().out
     checkpoints = list_checkpoints(out)
     assert checkpoints, "the checkpoint written before the divergence must stay"
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
