@@ -65,6 +65,7 @@ def test_tokenize_pair_splits_where_prompt_and_answer_tokens_diverge(workload):
     assert ids["chosen_ids"][-1] == ids["rejected_ids"][-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.slow  # four benchmark rows: 41 of the 44 minutes of a --quick run on a loaded machine
 @pytest.mark.parametrize("name", ["padded/model", "prefix_shared/model", "prefix_shared/adapters_disabled",
                                   "prefix_shared/precomputed"])
 def test_rows_do_the_same_useful_work(workload, name):
