@@ -213,6 +213,13 @@ def matmul_gflops(dtype: torch.dtype, device: str, *, size: int = 2048, repeats:
     return 2 * size ** 3 / best / 1e9
 
 
+def matmul_rates(device: str, size: int, *, repeats: int) -> dict[str, float]:
+    """The fp32 and bf16 ceilings MFU is measured against. On a CPU without bf16 instructions a bf16 matmul takes
+    a slow path (about 1 GFLOP/s on the 2-core test machine, 20 s per 2048² product): `--matmul-size` shrinks it."""
+    return {"fp32": matmul_gflops(torch.float32, device, size=size, repeats=repeats),
+            "bf16": matmul_gflops(torch.bfloat16, device, size=size, repeats=repeats)}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -273,8 +280,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     policy = load_policy(cfg)
     policy.train()
     batches = batches_of(pairs, batch_size=args.batch_size, count=args.warmup + args.steps)
-    result: dict[str, Any] = {"matmul_gflops": {"fp32": matmul_gflops(torch.float32, device, repeats=3),
-                                                "bf16": matmul_gflops(torch.bfloat16, device, repeats=3)}}
+    result: dict[str, Any] = {"matmul_gflops": matmul_rates(device, args.matmul_size, repeats=3)}
     if row.precision == "bf16":  # fp32 log-probs of the first batch before prepare() wraps forward in autocast
         first = collate(batches[0], None).to(device)
         with torch.no_grad():
@@ -366,8 +372,7 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         dataloader_num_workers=0, seed=args.seed, precompute_ref_log_probs=False, disable_tqdm=True,
     )
     timer = Timer()
-    rates = {"fp32": matmul_gflops(torch.float32, device, repeats=3),
-             "bf16": matmul_gflops(torch.bfloat16, device, repeats=3)}
+    rates = matmul_rates(device, args.matmul_size, repeats=3)
     trainer = InOrder(model=load(), ref_model=load(), args=config, train_dataset=dataset, processing_class=tokenizer,
                       callbacks=[timer])
     prepared = trainer.train_dataset
@@ -458,6 +463,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer (pip install trl)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per row")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the matmul that measures the ceilings")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=512, help="bound on prompt + answer tokens of a pair")
@@ -519,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
     meta = build_workload(workdir, seed=args.seed, num_pairs=num_pairs, max_length=args.max_length, shape=args.shape)
-    peaks = {"fp32": matmul_gflops(torch.float32, device), "bf16": matmul_gflops(torch.bfloat16, device)}
+    peaks = matmul_rates(device, args.matmul_size, repeats=5)
     print(f"[bench] {meta['parameters'] / 1e6:.1f}M parameters, {meta['pairs']} pairs (mean prompt "
           f"{meta['mean_prompt_tokens']:.0f} tokens, mean answer {meta['mean_answer_tokens']:.0f}), batch "
           f"{args.batch_size}, {args.warmup} warm-up + {args.steps} measured steps; matmul {peaks['fp32']:.0f} "

@@ -23,7 +23,7 @@ from dpo.logprobs import sequence_logps
 from dpo.models import load_causal_lm
 
 TINY = ["--hidden-size", "32", "--num-layers", "2", "--vocab-size", "400", "--max-length", "64", "--batch-size", "4",
-        "--steps", "2", "--warmup", "1", "--max-tokens-per-row", "128"]
+        "--steps", "2", "--warmup", "1", "--max-tokens-per-row", "128", "--matmul-size", "64"]
 
 
 @pytest.fixture(autouse=True, scope="module")

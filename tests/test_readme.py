@@ -311,7 +311,8 @@ def test_benchmarks(workspace, tmp_path):
     20,000. Without trl (the `bench` extra) the TRL row is left out rather than the command skipped."""
     bench_cmd, prep_cmd = group_commands("bench")
     tiny = ("--hidden-size 32 --num-layers 2 --vocab-size 400 --max-length 64 --batch-size 4 --steps 1 --warmup 1 "
-            f"--max-tokens-per-row 128 --no-bf16 --workdir {tmp_path / 'work'} --output {tmp_path / 'bench.json'} "
+            f"--max-tokens-per-row 128 --matmul-size 64 --no-bf16 --workdir {tmp_path / 'work'} "
+            f"--output {tmp_path / 'bench.json'} "
             "--rows trl/model,padded/model,prefix_shared/model")  # one process per row: keep two of ours
     try:
         import trl  # noqa: F401
