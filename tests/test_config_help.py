@@ -63,7 +63,7 @@ def test_config_cli_help_lists_every_field(module, capsys):
     # spot checks against the dataclass, written out by hand
     assert "--beta (float, default 0.1)" in text
     assert "--rpo_alpha (float or none, default none)" in text
-    assert "--prefix_sharing (bool, default true)" in text
+    assert "--prefix_sharing (bool or none, default none)" in text  # none: the layout probe decides
     assert ("--splits" in text) == (module == "dpo.precompute_ref")
 
 
