@@ -489,8 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch-size={args.batch_size}",
                         f"--max-length={args.max_length}", f"--max-tokens-per-row={args.max_tokens_per_row}",
-                        f"--seed={args.seed}", f"--threads={args.threads}", f"--workdir={args.workdir}",
-                        f"--device={args.device}"]
+                        f"--seed={args.seed}", f"--threads={args.threads}", f"--matmul-size={args.matmul_size}",
+                        f"--workdir={args.workdir}", f"--device={args.device}"]
     ratio = MODEL_SHAPE["intermediate_size"] / MODEL_SHAPE["hidden_size"]
     args.shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
                   "num_heads": max(1, args.hidden_size // 64), "intermediate_size": round(args.hidden_size * ratio)}
