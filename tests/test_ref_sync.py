@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
+from dpo.checkpoint import CheckpointError
 from dpo.config import ConfigError, load_config
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.ref_sync import REFERENCE_FILE, sync_reference
@@ -89,7 +90,8 @@ def test_resume_without_the_reference_file_is_refused(inputs, tmp_path):
     run(inputs, tmp_path / "run", *sync)
     checkpoint = tmp_path / "run" / "checkpoint-3"
     (checkpoint / REFERENCE_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="reference.safetensors is missing"):
+    # The checkpoint's manifest lists the synced reference, so resume refuses before anything is loaded.
+    with pytest.raises(CheckpointError, match="reference.safetensors: missing from the checkpoint"):
         run(inputs, tmp_path / "run", *sync, "--resume_from_checkpoint", str(checkpoint))
 
 
