@@ -2,7 +2,7 @@
 # dpo-pipeline's one entry point.
 #
 #   ./launch.sh demo  [--output_dir DIR] [...]      the whole pipeline on a tiny model, on a CPU, in about a minute
-#   ./launch.sh test  [--quick] [pytest args]       lint + the test suite (about 14 min on 2 cores; --quick: about 3)
+#   ./launch.sh test  [--quick] [pytest args]       lint + the test suite (about 16 min on 2 cores; --quick: about 3)
 #   ./launch.sh prep  --input F --tokenizer T --output D [...]      python -m data_prep
 #   ./launch.sh train [--accelerate_config FILE] --config recipe.yaml [--name value ...]
 #   ./launch.sh bench [--vs-trl] [...]              python -m dpo.bench
@@ -78,7 +78,7 @@ test_usage() {
 usage: ./launch.sh test [--quick] [pytest args]
 
 Runs flake8, isort and pytest (after installing the test extras if missing).
-  (no flag)   the full suite, what CI runs: about 14 minutes on 2 CPU cores, 7 of them in the
+  (no flag)   the full suite, what CI runs: about 16 minutes on 2 CPU cores, 7 of them in the
               2-process distributed tests (DDP and DeepSpeed ZeRO over gloo)
   --quick     a subset that still touches every module, about 3 minutes on 2 cores: leaves out the
               tests marked `distributed` and `slow` (pytest -m "not distributed and not slow")
@@ -100,7 +100,7 @@ case "$cmd" in
       say "quick tests: every module, without the distributed and slow tests: about 3 minutes on 2 CPU cores"
       args=(-m "not distributed and not slow" ${args[@]+"${args[@]}"})
     else
-      say "the full test suite takes about 14 minutes on 2 CPU cores (./launch.sh test --quick: about 3)"
+      say "the full test suite takes about 16 minutes on 2 CPU cores (./launch.sh test --quick: about 3)"
     fi
     ensure_installed test "pytest hypothesis flake8 isort matplotlib"
     "$PYTHON" -m flake8 dpo data_prep tests benchmarks

@@ -35,7 +35,7 @@ def test_subcommand_help():
     """`train --help` is launch.sh's own (the flags, without starting accelerate); `test --help` too. The other
     subcommands pass --help to their module's argparse (tests/test_config_help.py)."""
     done = launch("test", "--help")
-    assert done.returncode == 0 and "--quick" in done.stdout and "14 minutes" in done.stdout
+    assert done.returncode == 0 and "--quick" in done.stdout and "16 minutes" in done.stdout
     # with every dependency importable, nothing is installed (the dry run would say what it would run)
     done = launch("train", "--help", env=dict(os.environ, PYTHON=sys.executable, DPO_LAUNCH_DRY_RUN="1"))
     assert done.returncode == 0, done.stderr
