@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # dpo-pipeline's one entry point.
 #
-#   ./launch.sh demo  [--output_dir DIR] [...]      the whole pipeline on a tiny model, on a CPU, in about a minute
+#   ./launch.sh demo  [--output_dir DIR] [...]      python -m demo: the whole pipeline on a tiny model, on a CPU,
+#                                                   in about a minute
 #   ./launch.sh test  [--quick] [pytest args]       lint + the test suite (about 16 min on 2 cores; --quick: about 3)
 #   ./launch.sh prep  --input F --tokenizer T --output D [...]      python -m data_prep
 #   ./launch.sh train [--accelerate_config FILE] --config recipe.yaml [--name value ...]
-#   ./launch.sh bench [--vs-trl] [...]              python -m dpo.bench
+#   ./launch.sh bench [--vs-trl] [...]              python -m benchmarks.bench_throughput (other benchmarks:
+#                                                   python -m benchmarks.NAME, see benchmarks/__init__.py)
 #   ./launch.sh SUBCOMMAND --help                   every option of that subcommand
 #
 # Each subcommand first installs what is missing into the active Python (saying what and how big); nothing is
 # installed when everything imports. Without a GPU (no nvidia-smi) and without torch, the CPU build of torch is
 # installed from the PyTorch CPU index (TORCH_INDEX_URL) instead of the default CUDA build. DPO_LAUNCH_DRY_RUN=1
-# prints the install commands instead of running them.
+# prints the install commands instead of running them. demo and bench run modules of this clone (demo/,
+# benchmarks/: the package installs only dpo and data_prep), so they run from the repo root, as this script does.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PYTHON=${PYTHON:-python3}
@@ -103,8 +106,8 @@ case "$cmd" in
       say "the full test suite takes about 16 minutes on 2 CPU cores (./launch.sh test --quick: about 3)"
     fi
     ensure_installed test "pytest hypothesis flake8 isort matplotlib"
-    "$PYTHON" -m flake8 dpo data_prep tests benchmarks
-    "$PYTHON" -m isort --check-only --diff dpo data_prep tests benchmarks
+    "$PYTHON" -m flake8 dpo data_prep demo benchmarks tests
+    "$PYTHON" -m isort --check-only --diff dpo data_prep demo benchmarks tests
     exec "$PYTHON" -m pytest ${args[@]+"${args[@]}"}
     ;;
   prep)
@@ -140,7 +143,7 @@ case "$cmd" in
     ;;
   demo)
     ensure_installed test matplotlib
-    exec "$PYTHON" -m dpo.demo "$@"
+    exec "$PYTHON" -m demo "$@"
     ;;
   bench)
     if wants_help "$@" || [[ " $* " != *" --vs-trl "* ]]; then
@@ -148,7 +151,7 @@ case "$cmd" in
     else
       ensure_installed test,bench trl
     fi
-    exec "$PYTHON" -m dpo.bench "$@"
+    exec "$PYTHON" -m benchmarks.bench_throughput "$@"
     ;;
   help|-h|--help)
     usage

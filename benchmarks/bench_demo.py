@@ -1,6 +1,6 @@
 """Time `./launch.sh demo` end to end (target: under 5 minutes on 2 CPU cores) and record what it reached.
 
-    python benchmarks/bench_demo.py [--seeds 0 1 2] [--quick] [--output bench_results/bench_demo.json]
+    python -m benchmarks.bench_demo [--seeds 0 1 2] [--quick] [--output bench_results/bench_demo.json]
 
 Each seed is one full run in a fresh output dir, one after another. Reports wall-clock seconds and the CPU seconds
 of the whole process tree (user + system; on a machine shared with other work the wall clock overstates the cost,
@@ -63,7 +63,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/bench_demo.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full demo run per seed")
     parser.add_argument("--quick", action="store_true", help="time the reduced demo instead")
     parser.add_argument("--output", default="bench_results/bench_demo.json", help="where the JSON results go")

@@ -54,7 +54,7 @@ def build_workload(workdir: Path, *, steps: int, seed: int) -> dict[str, Any]:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dpo.tiny import build_tokenizer
+    from demo.tiny import build_tokenizer
 
     key = {"shape": SHAPE, "steps": steps, "seed": seed}
     meta_path = workdir / "workload.json"
@@ -89,7 +89,7 @@ def rss_mb() -> float:
 
 
 def peak_mb(device: str) -> float:
-    from dpo.bench import peak_memory_mb
+    from benchmarks.measure import peak_memory_mb
 
     return peak_memory_mb(device)
 
@@ -231,7 +231,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def write_report(args: argparse.Namespace, meta: dict[str, Any], results: list[dict[str, Any]],
                  argv: list[str] | None) -> None:
     """Ratios to the TRL row of the same length, then the JSON report, written atomically."""
-    from dpo.bench import hardware
+    from benchmarks.measure import hardware
 
     for r in results:
         trl = next((t for t in results if "error" not in t and t["name"].startswith("trl/")

@@ -1,6 +1,6 @@
 """Data-prep throughput: pairs/s per core for ~300-token pairs (prompt + chosen + rejected) with a fast BPE.
 
-    python benchmarks/bench_prep.py [--pairs 20000] [--vocab_size 8000] [--json bench_prep.json]
+    python -m benchmarks.bench_prep [--pairs 20000] [--vocab_size 8000] [--json bench_prep.json]
 
 Builds a byte-level BPE (8k vocabulary) on synthetic text, writes `--pairs` explicit records as JSON Lines and
 measures, single-threaded (TOKENIZERS_PARALLELISM=false):
@@ -40,7 +40,7 @@ from data_prep.prepare import main as prep_main  # noqa: E402
 from data_prep.prepare import tokenize_pairs  # noqa: E402
 from data_prep.sources import read_sources  # noqa: E402
 from data_prep.tokenize import PairTokenizer  # noqa: E402
-from dpo.tiny import build_tokenizer  # noqa: E402
+from demo.tiny import build_tokenizer  # noqa: E402
 
 TARGET_PAIRS_PER_CORE = 3000
 
@@ -90,7 +90,7 @@ def measure(name: str, pairs: int, work: Callable[[], object]) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python benchmarks/bench_prep.py [--pairs N] [--vocab_size V] [--json FILE]`."""
+    """`python -m benchmarks.bench_prep [--pairs N] [--vocab_size V] [--json FILE]`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=20000, help="number of pairs to prepare")
     parser.add_argument("--vocab_size", type=int, default=8000, help="BPE vocabulary size")

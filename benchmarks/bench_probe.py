@@ -1,6 +1,6 @@
 """One-time cost of the layout probe (dpo/layouts.py) on the training benchmark's model shape.
 
-    python benchmarks/bench_probe.py [--json bench_results/bench_probe.json]
+    python -m benchmarks.bench_probe [--json bench_results/bench_probe.json]
 
 Builds 28M-parameter models (hidden 512, 8 layers, 8k vocabulary) of a plain Llama and of a Mistral with a 4096-token
 sliding window, and times `choose_layout` as a run would call it: with the data's longest sequence at 600 tokens

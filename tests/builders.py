@@ -14,7 +14,7 @@ from pathlib import Path
 
 import datasets
 
-from dpo.tiny import build_model, build_tokenizer
+from demo.tiny import build_model, build_tokenizer
 
 CORPUS = [f"what is {a} plus {b}? the answer is {a + b}." for a in range(30) for b in range(30)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from dpo.tiny import build_tokenizer
+from demo.tiny import build_tokenizer
 
 # Enough repetition that common words ("Ġhello", "Ġworld", "Ġyes", ...) become single tokens.
 FIXTURE_TEXTS: list[str] = [

@@ -1,14 +1,20 @@
-"""The benchmark's pieces on a tiny workload, in-process: the workload respects its bounds and carries correct
-reference columns, every row does the same useful work whatever its layout, and the accounting is hand-checked."""
+"""The throughput benchmark's pieces on a tiny workload, in-process: the workload respects its bounds and carries
+correct reference columns, every row does the same useful work whatever its layout, and the accounting is
+hand-checked; the reference benchmark, which measures its strategies as rows of the throughput benchmark, end to end."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from dpo.bench import (
+from benchmarks.bench_reference import STRATEGIES
+from benchmarks.bench_throughput import (
     Row,
     build_workload,
     nominal_flops_per_token,
@@ -22,6 +28,7 @@ from dpo.data import collate_padded
 from dpo.logprobs import sequence_logps
 from dpo.models import load_causal_lm
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "32", "--num-layers", "2", "--vocab-size", "400", "--max-length", "64", "--batch-size", "4",
         "--steps", "2", "--warmup", "1", "--max-tokens-per-row", "128", "--matmul-size", "64"]
 
@@ -98,3 +105,35 @@ def test_plan_covers_layouts_and_strategies():
         for reference in ("model", "adapters_disabled", "precomputed"):
             assert f"{layout}/{reference}" in names
     assert names[0] == "trl/model" and "prefix_shared/model/bf16" in names and "prefix_shared@2048/model" in names
+
+
+def test_reference_strategies_cross_full_and_lora():
+    plan = {(row.trains_lora, row.reference) for row in STRATEGIES.values()}
+    assert plan == {(False, "model"), (False, "precomputed"), (True, "adapters_disabled"), (True, "model"),
+                    (True, "precomputed")}
+    assert all(row.layout == "padded" and not row.prefix_sharing for row in STRATEGIES.values())
+
+
+@pytest.mark.slow  # a precompute and five row processes
+def test_bench_reference_end_to_end(tmp_path):
+    output = tmp_path / "bench_reference.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_reference", "--hidden_size", "32", "--num_layers",
+                           "1", "--steps", "2", "--batch_size", "2", "--output", str(output)],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    rows = {r["strategy"]: r for r in report["results"]}
+    assert list(rows) == list(STRATEGIES)
+    # Llama, vocabulary 2048, hidden 32, MLP 128, one layer, untied head: embeddings and head 2 x 2048 x 32,
+    # attention 4 x 32 x 32, MLP 3 x 32 x 128, two layer norms and the final one 3 x 32.
+    parameters = 2 * 2048 * 32 + 4 * 32 * 32 + 3 * 32 * 128 + 3 * 32
+    for name, row in STRATEGIES.items():
+        result = rows[name]
+        assert len(result["step_times_s"]) == 1 and result["median_step_s"] > 0 and result["peak_memory_mb"] > 0
+        assert result["reference_params"] == (parameters if row.reference == "model" else 0)
+        # LoRA of rank 16 (the default) on every linear layer but the head: r x (in + out) each, q k v o 32 -> 32,
+        # gate and up 32 -> 128, down 128 -> 32.
+        lora = 16 * (4 * (32 + 32) + 3 * (32 + 128))
+        assert result["trainable_params"] == (lora if row.trains_lora else parameters)
+    assert report["precompute_s"] > 0 and "precompute (one-off" in done.stdout

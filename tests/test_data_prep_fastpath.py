@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from data_prep.fastpath import FastTripleEncoder, eligibility, shared_length, tail_start
 from data_prep.formats import BadRecord, PreferencePair
 from data_prep.tokenize import PairTokenizer, TokenizedPair
-from dpo.tiny import build_tokenizer
+from demo.tiny import build_tokenizer
 from tests.conftest import FIXTURE_TEXTS
 
 # Fragments chosen to hit the boundary: words that merge across it ("hel" + "lo"), contractions, runs of

@@ -18,7 +18,7 @@ from data_prep.tokenize import (
     tokenizer_hash,
     truncate,
 )
-from dpo.tiny import CHAT_TEMPLATE
+from demo.tiny import CHAT_TEMPLATE
 
 BOS, EOS = 1, 2
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo import demo, synthetic
+from demo import run, synthetic
+from demo.tiny import build_model, build_tokenizer
 from dpo.metrics import read_metrics
-from dpo.tiny import build_model, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,9 +103,9 @@ def naive_answer_logps(model, prompt: list[int], answer: list[int]) -> list[floa
 
 
 def test_answers_lm_batch_by_hand():
-    batch = demo.answers_lm_batch([{"prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 4, 2]},
-                                   {"prompt_ids": [1, 5, 6], "chosen_ids": [9, 2], "rejected_ids": [3, 2]}],
-                                  pad_token_id=0)
+    batch = run.answers_lm_batch([{"prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 4, 2]},
+                                  {"prompt_ids": [1, 5, 6], "chosen_ids": [9, 2], "rejected_ids": [3, 2]}],
+                                 pad_token_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 7, 2, 0], [1, 5, 6, 9, 2], [1, 5, 8, 4, 2], [1, 5, 6, 3, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, -100, 7, 2, -100], [-100, -100, -100, 9, 2],
@@ -114,15 +114,15 @@ def test_answers_lm_batch_by_hand():
 
 def test_warm_up_loss_is_the_answer_nll_and_falls(tiny):
     tokenizer, model, pairs = tiny
-    size = demo.DemoSize(warmup_steps=25, warmup_batch_size=len(pairs), warmup_lr=3e-3)
+    size = run.DemoSize(warmup_steps=25, warmup_batch_size=len(pairs), warmup_lr=3e-3)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     # Batch = all pairs, so the first step's loss is the mean NLL over every answer token before any update.
-    tokens = [lp for p in pairs for key in demo.WARMUP_ANSWERS
+    tokens = [lp for p in pairs for key in run.WARMUP_ANSWERS
               for lp in naive_answer_logps(model, p["prompt_ids"], p[key])]
     expected_first = -sum(tokens) / len(tokens)
-    losses = demo.warm_up(model, pairs, size, pad_token_id=tokenizer.pad_token_id, seed=0)
+    losses = run.warm_up(model, pairs, size, pad_token_id=tokenizer.pad_token_id, seed=0)
     model.load_state_dict(start)
-    again = demo.warm_up(model, pairs, size, pad_token_id=tokenizer.pad_token_id, seed=0)
+    again = run.warm_up(model, pairs, size, pad_token_id=tokenizer.pad_token_id, seed=0)
     model.load_state_dict(start)
     assert losses[0] == pytest.approx(expected_first, rel=1e-4)
     assert losses == again  # deterministic
@@ -131,23 +131,23 @@ def test_warm_up_loss_is_the_answer_nll_and_falls(tiny):
 
 def test_pair_logps_and_accuracy(tiny):
     tokenizer, model, pairs = tiny
-    chosen, rejected = demo.pair_logps(model, pairs[:10], pad_token_id=tokenizer.pad_token_id, batch_size=4)
+    chosen, rejected = run.pair_logps(model, pairs[:10], pad_token_id=tokenizer.pad_token_id, batch_size=4)
     for i, pair in enumerate(pairs[:10]):
         assert chosen[i].item() == pytest.approx(sum(naive_answer_logps(model, pair["prompt_ids"],
                                                                         pair["chosen_ids"])), abs=1e-4)
         assert rejected[i].item() == pytest.approx(sum(naive_answer_logps(model, pair["prompt_ids"],
                                                                           pair["rejected_ids"])), abs=1e-4)
     # 2 wins, 1 tie (half), 1 loss -> 2.5 / 4
-    assert demo.preference_accuracy(torch.tensor([1.0, 2.0, 3.0, 0.0]),
-                                    torch.tensor([0.0, 1.0, 3.0, 1.0])) == pytest.approx(0.625)
+    assert run.preference_accuracy(torch.tensor([1.0, 2.0, 3.0, 0.0]),
+                                   torch.tensor([0.0, 1.0, 3.0, 1.0])) == pytest.approx(0.625)
 
 
 def test_greedy_answers_batched_equal_one_by_one(tiny):
     tokenizer, model, pairs = tiny
     prompts = [p["prompt_ids"] for p in pairs[:6]]
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
-    batched = demo.greedy_answers(model, prompts, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, max_new_tokens=3)
+    batched = run.greedy_answers(model, prompts, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, max_new_tokens=3)
     for prompt, answer in zip(prompts, batched):
         ids, single = list(prompt), []
         for _ in range(3):

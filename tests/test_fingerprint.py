@@ -15,10 +15,10 @@ import torch
 from transformers import AutoTokenizer
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
+from demo.tiny import build_tokenizer
 from dpo.config import TrainConfig
 from dpo.fingerprint import adapter_sha256, id_range, tokenizer_sha256, weights_sha256
 from dpo.precompute_ref import run_fingerprint
-from dpo.tiny import build_tokenizer
 from dpo.train import main
 
 FAST = ("--batch_size", "4", "--max_steps", "1", "--learning_rate", "1e-3")

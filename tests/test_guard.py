@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from builders import accelerator
+from demo.tiny import build_model
 from dpo.config import ConfigError, load_config
 from dpo.errors import TrainingDiverged
 from dpo.guard import DivergenceGuard
-from dpo.tiny import build_model
 
 
 def guarded_model():

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
+from demo.tiny import build_model
 from dpo.config import TrainConfig, load_config
 from dpo.data import PreferenceBatch, collate_padded
 from dpo.layouts import make_collate
@@ -21,7 +22,6 @@ from dpo.logprobs import sequence_logps
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.prefix_sharing import collate_prefix_shared, shared_length
 from dpo.reference import Reference
-from dpo.tiny import build_model
 from dpo.train import forward_and_loss, train
 
 VOCAB = 64

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from demo.tiny import build_model
 from dpo.data import collate_packed, collate_padded
 from dpo.logprobs import label_logps, scatter_sequence_logps, sequence_logps
-from dpo.tiny import build_model
 
 PAIRS = [
     {"prompt_ids": [1, 5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2]},

@@ -56,7 +56,7 @@ COVERAGE: dict[str, str] = {
     "--output_dir runs/my_trdpo --reference model --sync_ref_model --ref_model_mixup_alpha 0.6 "
     "--ref_model_sync_steps 64": "objectives",
     "./launch.sh bench --vs-trl": "bench",
-    "python benchmarks/bench_prep.py --pairs 20000 --json bench_results/bench_prep.json": "bench",
+    "python -m benchmarks.bench_prep --pairs 20000 --json bench_results/bench_prep.json": "bench",
 }
 # Training commands, reduced: two optimizer steps of two pairs, no intermediate evaluation or checkpoint.
 REDUCED_TRAINING = " --max_steps 2 --batch_size 2 --gradient_accumulation_steps 1 --eval_steps 0 --save_steps 0 " \

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
+from demo.tiny import build_model
 from dpo.checkpoint import CheckpointError
 from dpo.config import ConfigError, load_config
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.ref_sync import REFERENCE_FILE, sync_reference
-from dpo.tiny import build_model
 from dpo.train import train
 
 

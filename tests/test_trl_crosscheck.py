@@ -14,11 +14,11 @@ trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.slow  # importing TRL and running its trainer
 
 from builders import make_tokenizer  # noqa: E402
+from demo.tiny import build_model  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
 from dpo.layouts import make_collate  # noqa: E402
 from dpo.logprobs import sequence_logps  # noqa: E402
 from dpo.reference import Reference  # noqa: E402
-from dpo.tiny import build_model  # noqa: E402
 from dpo.train import forward_and_loss  # noqa: E402
 
 RECORDS = [  # text pairs; TRL tokenizes them, and its token ids become ours

@@ -26,10 +26,10 @@ if not trl.__version__.startswith("1.16."):  # the definitions checked here are 
     pytest.skip(f"these checks are written against TRL 1.16, found {trl.__version__}", allow_module_level=True)
 
 from builders import make_tokenizer  # noqa: E402
+from demo.tiny import build_model  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
 from dpo.layouts import make_collate  # noqa: E402
 from dpo.reference import Reference  # noqa: E402
-from dpo.tiny import build_model  # noqa: E402
 from dpo.train import forward_and_loss  # noqa: E402
 
 RECORDS = [  # varied lengths: LD-DPO's tail and WPO's means both have something to do

@@ -1,6 +1,6 @@
 """A built-in synthetic preference dataset: follow the instruction versus ignore it.
 
-    python -m dpo.synthetic --output_dir runs/demo/data [--num_train 3000] [--num_eval 300] [--seed 0]
+    python -m demo.synthetic --output_dir runs/demo/data [--num_train 3000] [--num_eval 300] [--seed 0]
 
 Each prompt lists a few words and asks for the first or the last of them; the chosen answer follows the instruction,
 the rejected one names the word at the other end of the list:
@@ -91,7 +91,7 @@ def write_dataset(output_dir: str | Path, *, num_train: int, num_eval: int, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", required=True, help="where train.jsonl and eval.jsonl are written")
     parser.add_argument("--num_train", type=int, default=3000, help="training pairs")
     parser.add_argument("--num_eval", type=int, default=300, help="held-out pairs (prompts unseen in training)")

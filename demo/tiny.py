@@ -1,6 +1,7 @@
 """Tiny, local building blocks: a byte-level BPE tokenizer trained on given text and a small Llama-style model.
 
-Nothing here touches the network. Tests, the demo and the benchmark use these instead of hub downloads:
+Nothing here touches the network. The demo builds its model with these; the tests (tests/builders.py) and the
+benchmarks use them too instead of hub downloads. Not part of the installed package:
 
     tok = build_tokenizer(texts, vocab_size=512)            # PreTrainedTokenizerFast with a chat template
     model = build_model(vocab_size=len(tok), hidden_size=64, num_layers=2)

@@ -1,10 +1,10 @@
 """The whole pipeline on a tiny model, on a CPU, in a few minutes - no network, no downloads.
 
-    python -m dpo.demo [--output_dir runs/demo] [--quick] [--seed 0]
-    ./launch.sh demo                      (installs the package first if it is not importable)
+    ./launch.sh demo [--output_dir runs/demo] [--quick] [--seed 0]   (installs the package first if it is missing)
+    python -m demo [...]                                                (the same, from the repo root)
 
 Stages, each announced as it starts:
-  1. a synthetic preference dataset (dpo/synthetic.py): pick the first or the last word of a list as the prompt
+  1. a synthetic preference dataset (demo/synthetic.py): pick the first or the last word of a list as the prompt
      asks (chosen) versus the word at the other end (rejected); a held-out split with unseen prompts;
   2. a byte-level BPE tokenizer and a tiny Llama-style model, built here from a config;
   3. data prep (`python -m data_prep`) of the raw JSONL into Arrow shards;
@@ -34,13 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo import synthetic
+from demo import synthetic
+from demo.tiny import build_model, build_tokenizer
 from dpo.data import collate_padded, load_split
 from dpo.distributed import quiet_deepspeed_accelerator_probe
 from dpo.logprobs import sequence_logps
-from dpo.tiny import build_model, build_tokenizer
+from dpo.models import load_causal_lm
+from dpo.report import draw_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "demo.yaml"
@@ -269,8 +272,6 @@ def run_dpo(model_dir: Path, prepped_dir: Path, output_dir: Path, size: DemoSize
 
 
 def recipe_beta() -> float:
-    import yaml
-
     return float(yaml.safe_load(RECIPE.read_text()).get("beta", 0.1))
 
 
@@ -320,12 +321,8 @@ def run_demo(output_dir: str | Path, size: DemoSize, *, seed: int = 0) -> dict[s
     run_dpo(sft_dir, prepped, out, size, seed=seed)
 
     stage(6, stages, "evaluation on held-out prompts, and report.png")
-    from dpo.models import load_causal_lm
-
     policy = load_causal_lm(str(out / "final"))
     after = evaluate_model(policy, reference_logps, eval_pairs, eval_prompts, tokenizer, beta=beta)
-    from dpo.report import draw_report
-
     report_path = draw_report(out)
     print()
     print(format_table(before, after, num_eval=len(eval_pairs)))
@@ -347,7 +344,7 @@ def run_demo(output_dir: str | Path, size: DemoSize, *, seed: int = 0) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo.demo", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output_dir", default="runs/demo", help="where everything is written")
     parser.add_argument("--quick", action="store_true",

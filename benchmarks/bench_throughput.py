@@ -1,7 +1,8 @@
 """Training-throughput benchmark: batch layouts and reference strategies on a fixed workload, optionally against TRL.
 
-    python -m dpo.bench [--vs-trl] [--output bench_results/bench.json] [--steps 3] [--warmup 1] [--full-grid]
     ./launch.sh bench --vs-trl
+    python -m benchmarks.bench_throughput [--vs-trl] [--output bench_results/bench.json] [--steps 3] [--warmup 1] \
+        [--full-grid]                                               (from the repo root; what ./launch.sh bench runs)
 
 The workload is fixed by `--seed`: a Llama-style model built from a config (hidden 512, 8 layers, vocabulary 8k, tied
 embeddings, about 28M parameters), a byte-level BPE tokenizer of 8k tokens trained here on generated text, and
@@ -14,16 +15,16 @@ Reported per row: median step time, useful tokens/s (prompt+chosen plus prompt+r
 layout computes), pairs/s, peak memory (process peak RSS on CPU, peak allocated on CUDA) and model-FLOP
 utilisation: nominal FLOPs of the workload ((6 full or 4 LoRA) x N per useful token for the policy, + 2 x N when a
 reference forward runs; N = all parameters, the tied embedding counted once as the LM head; attention scores left
-out) over the step time and the matmul rate measured in the same run (2048 x 2048, fp32 or bf16).
+out) over the step time and the matmul rate measured in the same run (2048 x 2048, fp32 or bf16); in the JSON also
+the trainable and the reference model's parameter counts. benchmarks/bench_reference.py measures its strategies as
+rows of this benchmark (`run_row_in_subprocess`) on a workload of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -34,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
+from benchmarks.measure import hardware, matmul_rates, peak_memory_mb, sync_device
+from demo.tiny import build_model, build_tokenizer
+from dpo.data import collate_padded
+from dpo.logprobs import sequence_logps
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = "bench_results/bench.json"
 MODEL_SHAPE = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1280, "vocab_size": 8192}
 
@@ -50,6 +58,11 @@ class Row:
     reference: str = "model"  # model | adapters_disabled | precomputed
     precision: str = "fp32"  # fp32 | bf16 (CPU/CUDA autocast)
     max_tokens_per_row: int = 0  # 0: --max-tokens-per-row
+    lora: bool = False  # a LoRA policy under any reference (adapters_disabled is LoRA whatever this says)
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.lora or self.reference == "adapters_disabled"
 
 
 def plan_rows(*, full_grid: bool, vs_trl: bool, bf16: bool, row_bounds: list[int]) -> list[Row]:
@@ -111,7 +124,7 @@ class TextGenerator:
         return " ".join(self.sentence() for _ in range(self._count(low, high)))
 
     def conversation(self) -> tuple[str, str, str]:
-        """(prompt, chosen, rejected) in dpo.tiny's chat format; the prompt ends where the answer begins."""
+        """(prompt, chosen, rejected) in demo.tiny's chat format; the prompt ends where the answer begins."""
         turns = [f"<|system|>\n{self.paragraph(1, 3)}</s>\n"]
         for _ in range(self._count(1, 4) if self.scale > 0.5 else 0):
             turns.append(f"<|user|>\n{self.paragraph(2, 6)}</s>\n")
@@ -140,8 +153,6 @@ def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> di
 def build_workload(workdir: Path, *, seed: int, num_pairs: int, max_length: int, shape: dict[str, int]
                    ) -> dict[str, Any]:
     """Tokenizer, model and pairs under `workdir` (reused when already built for the same settings)."""
-    from dpo.tiny import build_model, build_tokenizer
-
     key = {"seed": seed, "num_pairs": num_pairs, "max_length": max_length, **shape}
     meta_path = workdir / "workload.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
@@ -166,9 +177,6 @@ def build_workload(workdir: Path, *, seed: int, num_pairs: int, max_length: int,
     model.save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
     # Precomputed reference columns: the frozen reference is the starting model, in fp32, padded layout.
-    from dpo.data import collate_padded
-    from dpo.logprobs import sequence_logps
-
     with torch.no_grad():
         for start in range(0, len(pairs), 8):
             chunk = pairs[start:start + 8]
@@ -198,44 +206,6 @@ def batches_of(pairs: list[dict[str, Any]], *, batch_size: int, count: int) -> l
 # --------------------------------------------------------------------------------------------- measurements
 
 
-def matmul_gflops(dtype: torch.dtype, device: str, *, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` rate of one size x size matmul, in GFLOP/s."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = math.inf
-    for i in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i:  # the first call warms up
-            best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
-
-
-def matmul_rates(device: str, size: int, *, repeats: int) -> dict[str, float]:
-    """The fp32 and bf16 ceilings MFU is measured against. On a CPU without bf16 instructions a bf16 matmul takes
-    a slow path (about 1 GFLOP/s on the 2-core test machine, 20 s per 2048² product): `--matmul-size` shrinks it."""
-    return {"fp32": matmul_gflops(torch.float32, device, size=size, repeats=repeats),
-            "bf16": matmul_gflops(torch.bfloat16, device, size=size, repeats=repeats)}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def summarize(step_times: list[float], step_tokens: list[int], *, batch_size: int,
               step_cpu: list[float] | None = None) -> dict[str, Any]:
     """Medians over the measured steps. `step_cpu` (process CPU seconds, all threads) gives useful tokens per
@@ -255,18 +225,18 @@ def summarize(step_times: list[float], step_tokens: list[int], *, batch_size: in
 
 def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The trainer's own pieces, as dpo.train wires them: load_policy, build_reference, forward_and_loss."""
+    # Imported here, in the row's own process: the parent never trains, and with --device cpu it must hide the GPU
+    # (CUDA_VISIBLE_DEVICES) before anything that may initialise CUDA is imported.
     from accelerate import Accelerator
 
     from dpo.config import TrainConfig
     from dpo.layouts import make_collate
-    from dpo.logprobs import sequence_logps
     from dpo.models import load_policy
     from dpo.reference import build_reference
     from dpo.train import build_optimizer, forward_and_loss
 
-    lora = row.reference == "adapters_disabled"
-    cfg = TrainConfig(model_path=meta["model_dir"], data_path=str(args.workdir), lora=lora, lora_dropout=0.0,
-                      reference=row.reference, layout=row.layout, prefix_sharing=row.prefix_sharing,
+    cfg = TrainConfig(model_path=meta["model_dir"], data_path=str(args.workdir), lora=row.trains_lora,
+                      lora_dropout=0.0, reference=row.reference, layout=row.layout, prefix_sharing=row.prefix_sharing,
                       max_tokens_per_row=row.max_tokens_per_row or args.max_tokens_per_row, batch_size=args.batch_size,
                       mixed_precision="bf16" if row.precision == "bf16" else "no", seed=args.seed)
     torch.manual_seed(args.seed)
@@ -303,7 +273,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         }
     step_times, step_cpu, step_tokens, computed = [], [], [], []
     for k, pairs_k in enumerate(batches):
-        _sync(device)
+        sync_device(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         batch = collate(pairs_k, None).to(device)
         out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped)
@@ -311,7 +281,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync_device(device)
         if k >= args.warmup:
             step_times.append(time.perf_counter() - start)
             step_cpu.append(time.process_time() - start_cpu)
@@ -322,6 +292,10 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     result["computed_tokens_per_step"] = statistics.mean(computed)
     result["useful_tokens_per_step"] = statistics.mean(step_tokens)
     result["peak_memory_mb"] = peak_memory_mb(device)
+    result["device"] = device
+    result["trainable_params"] = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    frozen_copy = reference.model
+    result["reference_params"] = sum(p.numel() for p in frozen_copy.parameters()) if frozen_copy is not None else 0
     return result
 
 
@@ -330,7 +304,9 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
 
 def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """TRL's DPOTrainer on the same model, tokens, batches (in order) and precision; checkpointing off."""
+    # Imported here for the reason given in run_dpo_row; trl is an optional dependency besides.
     import datasets
+    import trl
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -351,11 +327,11 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
             self.cpu: list[float] = []
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
-            _sync(device)
+            sync_device(device)
             self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            _sync(device)
+            sync_device(device)
             self.times.append(time.perf_counter() - self.start)
             self.cpu.append(time.process_time() - self.start_cpu)
 
@@ -397,8 +373,6 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     result["peak_memory_mb"] = peak_memory_mb(device)
     result["same_token_ids_as_dpo"] = same
     result["matmul_gflops"] = rates
-    import trl
-
     result["trl_version"] = trl.__version__
     return result
 
@@ -407,18 +381,20 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
 
 
 def nominal_flops_per_token(row: Row, parameters: int) -> float:
-    policy = 4 if row.reference == "adapters_disabled" else 6  # LoRA: no weight gradients for the frozen base
+    policy = 4 if row.trains_lora else 6  # LoRA: no weight gradients for the frozen base
     reference = 0 if row.reference == "precomputed" else 2
     return (policy + reference) * parameters
 
 
 def run_row_in_subprocess(row: Row, args: argparse.Namespace) -> dict[str, Any]:
-    """A fresh interpreter per row, so each peak memory is that row's alone."""
+    """A fresh interpreter per row, so each peak memory is that row's alone. It finds this module from any working
+    directory: the repo root goes first on its PYTHONPATH (benchmarks/ and demo/ are not installed)."""
     out_file = Path(args.workdir) / f"row-{row.name.replace('/', '_')}.json"
     out_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "dpo.bench", "--_row", json.dumps(asdict(row)), "--_row_output", str(out_file),
-           *args.passthrough]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.bench_throughput", "--_row", json.dumps(asdict(row)),
+           "--_row_output", str(out_file), *args.passthrough]
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
     if proc.returncode != 0 or not out_file.is_file():
         tail = (proc.stdout + proc.stderr)[-3000:]
         return {"error": f"exit {proc.returncode}: {tail}"}
@@ -443,22 +419,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def hardware() -> dict[str, Any]:
-    import transformers
-
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    return info
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dpo.bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_throughput", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer (pip install trl)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file")
@@ -507,8 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     num_pairs = args.batch_size * (args.warmup + args.steps)
     if args._row is not None:  # a child process: one row
-        import transformers
-
         transformers.logging.set_verbosity_error()
         row = Row(**json.loads(args._row))
         meta = json.loads((workdir / "workload.json").read_text())
@@ -519,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import trl  # noqa: F401
         except ImportError:
-            print("dpo.bench: --vs-trl needs trl: pip install -e '.[bench]' from the clone (or pip install trl)",
+            print("bench_throughput: --vs-trl needs trl: pip install -e '.[bench]' from the clone (or pip install trl)",
                   file=sys.stderr)
             return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -564,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["cpu_speedup_vs_trl"] = r["useful_tokens_per_cpu_s"] / trl_row["useful_tokens_per_cpu_s"]
             r["memory_vs_trl"] = r["peak_memory_mb"] / trl_row["peak_memory_mb"]
     report = {
-        "command": "python -m dpo.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.bench_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
         "hardware": hardware(), "matmul_gflops": peaks,
         "workload": {k: v for k, v in meta.items() if k not in ("model_dir", "key")} | {
             "batch_size": args.batch_size, "max_length": args.max_length, "warmup_steps": args.warmup,

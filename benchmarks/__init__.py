@@ -1,0 +1,11 @@
+"""Every benchmark of the project - not part of the installed package. Run each from the repo root, as a module:
+
+    ./launch.sh bench [--vs-trl] [...]           python -m benchmarks.bench_throughput: layouts x reference strategies
+    python -m benchmarks.bench_reference [...]   reference strategies x full/LoRA on a model of any size (GPU-sized)
+    python -m benchmarks.bench_prep [...]        data-prep pairs/s per core
+    python -m benchmarks.bench_probe [...]       one-time cost of the layout probe
+    python -m benchmarks.bench_demo [...]        ./launch.sh demo end to end
+    PYTHONPATH=$PWD python benchmarks/bench_memory.py [...]   peak memory at a real vocabulary, against TRL
+
+measure.py holds what several of them measure with: peak memory, matmul ceilings, the hardware record.
+"""
