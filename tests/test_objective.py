@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from dpo.layouts import make_collate
-from dpo.logprobs import sequence_logps
-from dpo.objective import answer_logps, answer_positions, log_sum_sq_probs, wpo_weights
+from dpo.logprobs import log_sum_sq_probs, sequence_logps
+from dpo.objective import answer_logps, answer_positions, wpo_weights
 from dpo.tiny import build_model
 
 VOCAB = 48
