@@ -2,4 +2,5 @@
 
 from data_prep.prepare import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing the module (tests/test_imports.py) must not run data prep
+    raise SystemExit(main())

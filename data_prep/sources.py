@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -235,8 +236,6 @@ def parquet_source(path: Path, columns: ColumnMap) -> Source:
 def parquet_folder_sources(
     path: Path, split: str | None, default_splits: tuple[str, ...], columns: ColumnMap
 ) -> list[Source]:
-    import datasets  # the Hub's split conventions; imported here, as data_prep otherwise needs only its writer
-
     try:
         data_files = datasets.load_dataset_builder(str(path)).config.data_files
     except Exception as error:  # noqa: BLE001 - datasets raises a dozen unrelated types for a folder it rejects
@@ -301,8 +300,6 @@ def arrow_source(path: Path, columns: ColumnMap) -> Source:
 
 def named_dataset_source(name: str, split: str | None, default_splits: tuple[str, ...], columns: ColumnMap) -> Source:
     """`datasets.load_dataset(name)`: from the local cache offline, downloaded online."""
-    import datasets
-
     try:
         if split is None:
             loaded = datasets.load_dataset(name)

@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 
+from dpo.distributed import deepspeed_checkpoint_globals
 from dpo.errors import UserError
 from dpo.fingerprint import file_sha256
 
@@ -248,13 +250,9 @@ def read_run_config(path: str | Path) -> dict[str, Any] | None:
 
 def load_checkpoint(accelerator: Any, path: str | Path, *, scheduler: Any) -> TrainerState:
     """Model, optimizer, scheduler, generators and trainer state of a checkpoint verified by resolve_resume_path."""
-    from accelerate.utils import DistributedType
-
     path = Path(path)
     allowed = []
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        from dpo.distributed import deepspeed_checkpoint_globals
-
         allowed = deepspeed_checkpoint_globals()
     with tensors_only_torch_load(allowed):
         accelerator.load_state(str(path))

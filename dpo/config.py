@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from dpo import losses
 from dpo.errors import UserError
 
 
@@ -120,18 +122,16 @@ class TrainConfig:
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(valid)}")
-        positive = ("beta", "batch_size", "gradient_accumulation_steps", "logits_chunk_size", "max_tokens_per_row")
+        positive = ("batch_size", "gradient_accumulation_steps", "logits_chunk_size", "max_tokens_per_row")
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)!r}")
         for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps", "eval_steps",
-                    "save_steps", "label_smoothing"):
+                    "save_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps: must be -1 (use num_epochs) or > 0, got {self.max_steps!r}")
         if self.max_steps == -1 and not self.num_epochs > 0:
@@ -158,8 +158,6 @@ class TrainConfig:
 
     def _validate_objective(self) -> None:
         """The loss (mix) and its hyper-parameters, asked of the loss registry; TR-DPO and LD-DPO prerequisites."""
-        from dpo import losses
-
         try:
             losses.check_objective(
                 self.loss_type, self.loss_weights, beta=self.beta, label_smoothing=self.label_smoothing,
@@ -195,9 +193,7 @@ class TrainConfig:
 
     @property
     def reference_free(self) -> bool:
-        from dpo.losses import reference_free
-
-        return reference_free(self.loss_type)
+        return losses.reference_free(self.loss_type)
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -333,8 +329,6 @@ def _parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then the YAML file of `--config`, then the flags; validated."""
     if argv is None:
-        import sys
-
         argv = sys.argv[1:]
     config_path, cli_updates = _parse_cli(list(argv))
     values: dict[str, Any] = {}

@@ -8,6 +8,7 @@ reference model, sharded like the policy under ZeRO-3.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Any
@@ -102,8 +103,6 @@ def deepspeed_inference_engine(model: torch.nn.Module, accelerator: Accelerator)
 def gathered_parameters(params: list[torch.nn.Parameter], *, modify: bool) -> Any:
     """A context in which ZeRO-3-partitioned `params` are whole on every process (changes made on process 0 are
     scattered back on exit when `modify`); a no-op context for parameters DeepSpeed does not partition."""
-    import contextlib
-
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Callable
 
+from tqdm import tqdm
+
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -38,8 +40,6 @@ def _say(line: str) -> None:
     # Every process of a launch validates the same inputs and fails the same way: one of them reports it.
     if os.environ.get("RANK", "0") != "0":
         return
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line first
         bar.close()
     print(line, file=sys.stderr)

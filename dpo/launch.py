@@ -14,6 +14,8 @@ import logging
 import subprocess
 import sys
 
+from accelerate.commands.launch import launch_command, launch_command_parser
+
 
 def failed_exit_code(exc: BaseException) -> int | None:
     """The status of the first failed process behind a launcher exception; None when it is not one."""
@@ -27,8 +29,6 @@ def failed_exit_code(exc: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate.commands.launch import launch_command, launch_command_parser
-
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
     # The elastic agent logs each failed process again, with a traceback-like summary; the process said it already.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

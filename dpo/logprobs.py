@@ -50,6 +50,21 @@ def label_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int =
     return torch.cat(out)
 
 
+@torch.no_grad()
+def log_sum_sq_probs(logits: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+    """log sum_v softmax(logits)_v^2 for each row of `logits` [N, V], in fp32 chunks, detached. [N]
+
+    = logsumexp(2 z) - 2 logsumexp(z): the log of the probability that two samples from the row agree, WPO's
+    normaliser of a token's probability (Zhou et al. 2024, Eq. 2's aligned weight)."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_size):
+        chunk = logits[start:start + chunk_size].float()
+        out.append(torch.logsumexp(2.0 * chunk, dim=-1) - 2.0 * torch.logsumexp(chunk, dim=-1))
+    if not out:
+        return logits.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(out)
+
+
 def scatter_sequence_logps(
     token_logps: torch.Tensor, token_seq: torch.Tensor, num_pairs: int, *, average: bool
 ) -> SequenceLogps:
@@ -99,8 +114,6 @@ def sequence_logps(
                   use_cache=False)
     log_sum_sq = None
     if with_log_sum_sq:  # WPO's per-token normaliser needs every logit of the scored positions: the dense head
-        from dpo.objective import log_sum_sq_probs
-
         logits = dense_logits(model, inputs, keep)
         token_logps = label_logps(logits, labels, chunk_size=chunk_size)
         log_sum_sq = log_sum_sq_probs(logits, chunk_size=chunk_size)

@@ -500,12 +500,9 @@ def sigmoid_norm_loss(
 Check = Callable[[dict[str, float | str | bool | None]], str | None]
 
 
-def _needs_label_smoothing_in(low_open: bool) -> Check:
-    def check(hp: dict[str, float | str | bool | None]) -> str | None:
-        eps = float(hp.get("label_smoothing") or 0.0)
-        ok = (0.0 < eps < 0.5) if low_open else (0.0 <= eps < 0.5)
-        return None if ok else f"needs {'0 <' if low_open else '0 <='} label_smoothing < 0.5, got {eps}"
-    return check
+def _needs_positive_label_smoothing(hp: dict[str, float | str | bool | None]) -> str | None:
+    eps = float(hp.get("label_smoothing") or 0.0)  # the shared bound eps < 0.5 is checked for every loss
+    return None if eps > 0 else f"needs 0 < label_smoothing < 0.5, got {eps}"
 
 
 def _needs_positive_discopop_tau(hp: dict[str, float | str | bool | None]) -> str | None:
@@ -541,10 +538,9 @@ REGISTRY: dict[str, LossSpec] = {
     "hinge": LossSpec(hinge_loss, "Zhao et al. 2023 (SLiC-HF), Eq. 1", f_divergence=True),
     "ipo": LossSpec(ipo_loss, "Azar et al. 2023 (IPO), Eq. 17", f_divergence=True),
     "exo_pair": LossSpec(exo_pair_loss, "Ji et al. 2024 (EXO), Eq. 16", f_divergence=True,
-                         checks=(_needs_label_smoothing_in(low_open=True),)),
+                         checks=(_needs_positive_label_smoothing,)),
     "nca_pair": LossSpec(nca_pair_loss, "Chen et al. 2024 (NCA), Eq. 10"),
-    "robust": LossSpec(robust_loss, "Chowdhury et al. 2024 (rDPO), Eq. 8", f_divergence=True,
-                       checks=(_needs_label_smoothing_in(low_open=False),)),
+    "robust": LossSpec(robust_loss, "Chowdhury et al. 2024 (rDPO), Eq. 8", f_divergence=True),
     "bco_pair": LossSpec(bco_pair_loss, "Jung et al. 2024 (BCO), Eq. 7"),
     "sppo_hard": LossSpec(sppo_hard_loss, "Wu et al. 2024 (SPPO), Eq. 4.7"),
     "aot": LossSpec(aot_loss, "Melnyk et al. 2024 (AOT), Eq. 9", batch_coupled=True, wpo=False),
@@ -593,6 +589,17 @@ def wants_mean_logps(loss_type: str | Sequence[str]) -> bool:
     return any(_spec(name).mean_logps for name in as_loss_list(loss_type))
 
 
+def _hyper_parameter_problems(*, beta: float, label_smoothing: float) -> list[str]:
+    """The bounds every loss shares, defined once: `check_objective` (config time) and `preference_loss` (a direct
+    call of the library) both ask here. Per-loss bounds are the `LossSpec.checks`."""
+    problems = []
+    if not beta > 0:
+        problems.append(f"beta: must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:  # 0.5 would make chosen and rejected interchangeable
+        problems.append(f"label_smoothing: must be in [0, 0.5), got {label_smoothing}")
+    return problems
+
+
 def check_objective(
     loss_type: str | Sequence[str],
     loss_weights: Sequence[float] | None = None,
@@ -619,8 +626,7 @@ def check_objective(
             problems.append(f"loss_weights has {len(loss_weights)} values for {len(names)} losses {names}")
         elif not all(math.isfinite(w) for w in loss_weights):
             problems.append(f"loss_weights must be finite numbers, got {list(loss_weights)}")
-    if not beta > 0:
-        problems.append(f"beta must be > 0, got {beta}")
+    problems += _hyper_parameter_problems(beta=beta, label_smoothing=label_smoothing)
     hp: dict[str, float | str | bool | None] = {"label_smoothing": label_smoothing, "discopop_tau": discopop_tau}
     for name in names:
         for check in _spec(name).checks:
@@ -658,10 +664,9 @@ def _check_inputs(
     beta: float,
     label_smoothing: float,
 ) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    problems = _hyper_parameter_problems(beta=beta, label_smoothing=label_smoothing)
+    if problems:
+        raise ValueError("; ".join(problems))
     for name in names:
         if _spec(name).reference_free:
             continue

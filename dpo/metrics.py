@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 # Per-pair quantities summed (weighted) over the pairs of a step; their means are logged under these names.
 PAIR_METRICS = (
@@ -110,8 +111,6 @@ class MetricsWriter:
         self.wandb = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
         if use_wandb:
             try:

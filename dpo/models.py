@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -77,12 +78,6 @@ def _configs(config: PretrainedConfig | None) -> list[PretrainedConfig]:
     return found
 
 
-def policy_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype trainable weights load in: fp32 master weights, with `mixed_precision` applied by autocast
-    (DeepSpeed casts its engines to its 16-bit dtype itself). Frozen weights: `dpo.precision`."""
-    return torch.float32
-
-
 def reference_source(cfg: TrainConfig) -> tuple[str, str | None]:
     """(model folder, SFT adapter folder or None) of the reference: `ref_model_path` alone when given, otherwise
     the starting policy, i.e. `model_path` with `lora_adapter_path` merged in - never the bare base."""
@@ -95,12 +90,12 @@ def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig, fr
                     ) -> PreTrainedModel:
     """A model folder, dropout off, with an SFT LoRA adapter merged into its weights when `adapter_path` is set.
     `frozen` weights (a LoRA base, a reference copy) load in `--torch_dtype`, quantised with --load_in_4bit/8bit."""
-    dtype = frozen_weights_dtype(cfg, path) if frozen else policy_dtype(cfg)
+    # Trainable weights load as fp32 master weights, `mixed_precision` applied by autocast (DeepSpeed casts its
+    # engines to its 16-bit dtype itself); frozen ones in `--torch_dtype` (dpo.precision).
+    dtype = frozen_weights_dtype(cfg, path) if frozen else torch.float32
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
                            quantization=quantization_config(cfg) if frozen else None)
     if adapter_path:
-        from peft import PeftModel
-
         if not Path(adapter_path).is_dir():
             raise FileNotFoundError(f"lora_adapter_path {adapter_path!r} does not exist")
         model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
@@ -127,8 +122,6 @@ def load_policy(cfg: TrainConfig) -> PreTrainedModel:
         model.config.use_cache = False
     if not cfg.lora:
         return model
-    from peft import LoraConfig, get_peft_model
-
     lora_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -142,10 +135,6 @@ def load_policy(cfg: TrainConfig) -> PreTrainedModel:
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a requirement
-        return False
     return isinstance(model, PeftModel)
 
 

@@ -15,21 +15,7 @@ from typing import Any
 import torch
 
 from dpo.logprobs import SequenceLogps
-
-
-@torch.no_grad()
-def log_sum_sq_probs(logits: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
-    """log sum_v softmax(logits)_v^2 for each row of `logits` [N, V], in fp32 chunks, detached. [N]
-
-    = logsumexp(2 z) - 2 logsumexp(z): the log of the probability that two samples from the row agree, WPO's
-    normaliser of a token's probability (Zhou et al. 2024, Eq. 2's aligned weight)."""
-    out = []
-    for start in range(0, logits.shape[0], chunk_size):
-        chunk = logits[start:start + chunk_size].float()
-        out.append(torch.logsumexp(2.0 * chunk, dim=-1) - 2.0 * torch.logsumexp(chunk, dim=-1))
-    if not out:
-        return logits.new_zeros((0,), dtype=torch.float32)
-    return torch.cat(out)
+from dpo.losses import wants_mean_logps
 
 
 def answer_positions(token_seq: torch.Tensor) -> torch.Tensor:
@@ -91,7 +77,7 @@ def wpo_weights(out: SequenceLogps) -> torch.Tensor:
 
 def loss_kwargs(cfg: Any, out: SequenceLogps, pair_weight: torch.Tensor | None) -> dict[str, Any]:
     """Keyword arguments of `preference_loss` for the config `cfg` (a TrainConfig) and the policy's forward."""
-    averaged = cfg.average_log_prob or _wants_mean(cfg)
+    averaged = cfg.average_log_prob or wants_mean_logps(cfg.loss_type)
     # Summed NLL of each chosen answer from the plain token log-probs (mean x count), for the sft term.
     chosen_nll_sum = out.chosen_nll * out.chosen_lengths
     return dict(
@@ -103,9 +89,3 @@ def loss_kwargs(cfg: Any, out: SequenceLogps, pair_weight: torch.Tensor | None) 
         chosen_nll_sum=chosen_nll_sum, wpo_weights=wpo_weights(out) if cfg.use_weighting else None,
         pair_weight=pair_weight,
     )
-
-
-def _wants_mean(cfg: Any) -> bool:
-    from dpo.losses import wants_mean_logps
-
-    return wants_mean_logps(cfg.loss_type)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from dpo.distributed import gathered_parameters
 
@@ -57,8 +58,6 @@ def sync_reference(policy: torch.nn.Module, reference_model: Any, *, alpha: floa
 @torch.no_grad()
 def save_reference(reference_model: Any, folder: str | Path, accelerator: Any) -> None:
     """Write the (synced) reference's parameters to folder/reference.safetensors (all processes call this)."""
-    from safetensors.torch import save_file
-
     state = {}
     for name, param in _module(reference_model).named_parameters():
         with gathered_parameters([param], modify=False):
@@ -73,8 +72,6 @@ def save_reference(reference_model: Any, folder: str | Path, accelerator: Any) -
 @torch.no_grad()
 def load_reference(reference_model: Any, folder: str | Path, accelerator: Any) -> None:
     """Restore the reference's parameters from folder/reference.safetensors (all processes call this)."""
-    from safetensors.torch import load_file
-
     path = Path(folder) / REFERENCE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"resume_from_checkpoint: {path} is missing; sync_ref_model updates the reference, so "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
@@ -40,6 +40,7 @@ from dpo.fingerprint import check_data_contract
 from dpo.guard import DivergenceGuard
 from dpo.layouts import choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
+from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
@@ -64,7 +65,7 @@ __all__ = ["TrainingDiverged", "forward_and_loss", "evaluate", "main", "train"]
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, weighted mean over the micro-batch's pairs, for backward
-    values: dict[str, torch.Tensor | None]  # per-pair metric values
+    pair_metrics: dict[str, torch.Tensor | None]  # [B] per-pair values of dpo.metrics.PAIR_METRICS
 
 
 def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: PreferenceBatch, cfg: TrainConfig,
@@ -81,13 +82,13 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
     weight = batch.pair_weight
     # A weighted mean over the real pairs: every pair counts once, so micro-batch x accumulation is invariant.
     loss = (out.losses * weight).sum() / weight.sum().clamp(min=1.0)
-    values = pair_values(
+    pair_metrics = pair_values(
         losses=out.losses, chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
         policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected, ref_chosen_logps=ref_chosen,
     )
     if len(out.components) > 1:  # a mix: each component too, before its weight
-        values.update({f"loss/{name}": value for name, value in out.components.items()})
-    return StepOutput(loss=loss, values=values)
+        pair_metrics.update({f"loss/{name}": value for name, value in out.components.items()})
+    return StepOutput(loss=loss, pair_metrics=pair_metrics)
 
 
 @torch.no_grad()
@@ -101,7 +102,7 @@ def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collat
     for indices, weights in batches:
         batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
         out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped_policy)
-        acc.add(out.values, batch.pair_weight, batch.num_tokens)
+        acc.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
     policy.train()
     metrics = acc.reduce(accelerator)
     metrics.pop("num_tokens")
@@ -144,8 +145,6 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
                 "load_with": "dpo.lora.load_trained_adapter(cfg, 'final') or --merge_lora (final_merged/)"}, indent=2))
         atomic_replace_dir(tmp, out / "final")
         if cfg.lora and cfg.merge_lora:
-            from dpo.lora import merge_adapter_into_base
-
             merge_adapter_into_base(cfg, out / "final", out / "final_merged", tokenizer)
     accelerator.wait_for_everyone()
 
@@ -272,33 +271,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
         micro_batches = train_micro_batches(
             len(train_ds), batch_size=cfg.batch_size, num_processes=world, process_index=accelerator.process_index,
             accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, epoch=epoch)
-        first = (state.step % steps_per_epoch) * cfg.gradient_accumulation_steps
-        for indices in micro_batches[first:]:
+        # A resumed run skips the micro-batches of this epoch that its checkpoint's steps already trained on.
+        trained_micro_batches = (state.step % steps_per_epoch) * cfg.gradient_accumulation_steps
+        for indices in micro_batches[trained_micro_batches:]:
             batch = collate([train_ds[i] for i in indices], None).to(accelerator.device)
-            with accelerator.accumulate(policy):
+            with accelerator.accumulate(policy):  # no gradient all-reduce until the step's last micro-batch
                 out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped_policy)
                 accelerator.backward(out.loss)
-                accumulator.add(out.values, batch.pair_weight, batch.num_tokens)
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-                    grad_norm = math.nan if norm is None else float(norm)  # NaN in the log: not reported
-                    lr = scheduler.get_last_lr()[0]
-                    step_metrics = accumulator.reduce(accelerator)
-                    guard.check_step(state.step + 1, step_metrics["loss"], None if norm is None else grad_norm,
-                                     not_applied=step_not_applied(accelerator))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    guard.check_weights(state.step + 1)  # before anything of this step can be saved
+            accumulator.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
             if not accelerator.sync_gradients:
                 continue
+            step_metrics = optimizer_step(policy, optimizer, scheduler, accelerator, accumulator, guard, cfg,
+                                          step=state.step + 1)
             state.step += 1
             if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:  # TR-DPO, after the step
                 sync_reference(unwrapped_policy, reference.model, alpha=cfg.ref_model_mixup_alpha)
             elapsed = time.perf_counter() - step_start
             step_start = time.perf_counter()
-            step_metrics["learning_rate"] = lr
-            step_metrics["grad_norm"] = grad_norm
             step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
             step_metrics["epoch"] = state.step / steps_per_epoch
             progress.update(1)
@@ -329,10 +318,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
 
 
+def optimizer_step(policy: torch.nn.Module, optimizer: Any, scheduler: Any, accelerator: Any,
+                   accumulator: MetricAccumulator, guard: DivergenceGuard, cfg: TrainConfig, *, step: int
+                   ) -> dict[str, float]:
+    """Step `step` once its micro-batches' gradients are in: clip, check for divergence, update the weights and
+    the learning rate. Returns the step's metrics (reduced over micro-batches and processes), its learning rate and
+    gradient norm. `accelerator.sync_gradients` was set by the last `accumulate()`."""
+    norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+    grad_norm = math.nan if norm is None else float(norm)  # NaN in the log: not reported
+    learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses
+    metrics = accumulator.reduce(accelerator)
+    guard.check_step(step, metrics["loss"], None if norm is None else grad_norm,
+                     not_applied=step_not_applied(accelerator))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    guard.check_weights(step)  # before anything of this step can be saved
+    metrics["learning_rate"] = learning_rate
+    metrics["grad_norm"] = grad_norm
+    return metrics
+
+
 def step_not_applied(accelerator: Any) -> str:
     """What became of the diverged step: DeepSpeed runs its optimizer step inside backward, before this check."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return "DeepSpeed had already applied this step, so the weights in memory are suspect"
     return "the optimizer step was not taken"

@@ -242,7 +242,7 @@ def loss_and_grads(policy: torch.nn.Module, reference: Reference, batch: Prefere
     out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=policy)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-    return out.loss.detach(), {k: v.detach() for k, v in out.values.items() if v is not None}, grads
+    return out.loss.detach(), {k: v.detach() for k, v in out.pair_metrics.items() if v is not None}, grads
 
 
 @pytest.mark.parametrize("kind", ["model", "precomputed", "adapters_disabled"])

@@ -162,7 +162,7 @@ def test_natures_are_declared():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(loss_type="robust", label_smoothing=0.5), r"'robust' needs 0 <= label_smoothing < 0.5, got 0.5"),
+    (dict(loss_type="robust", label_smoothing=0.5), r"label_smoothing: must be in \[0, 0.5\), got 0.5"),
     (dict(loss_type="exo_pair"), r"'exo_pair' needs 0 < label_smoothing < 0.5, got 0.0"),
     (dict(loss_type="discopop", discopop_tau=0.0), "needs discopop_tau > 0"),
     (dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[1.0]), "loss_weights has 1 values for 2 losses"),

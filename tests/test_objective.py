@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from demo.tiny import build_model
 from dpo.layouts import make_collate
-from dpo.logprobs import sequence_logps
-from dpo.objective import answer_logps, answer_positions, log_sum_sq_probs, wpo_weights
+from dpo.logprobs import log_sum_sq_probs, sequence_logps
+from dpo.objective import answer_logps, answer_positions, wpo_weights
 
 VOCAB = 48
 LAYOUTS = [("padded", False, 64), ("packed", False, 64), ("packed", False, 12), ("packed", True, 64),

@@ -94,9 +94,9 @@ def test_logps_loss_and_rewards_equal_trl(trl_run, layout, prefix_sharing):
     torch.testing.assert_close(ref_rejected, trl_run["ref_logps"][1], rtol=1e-4, atol=1e-5)
     assert float(out.loss) == pytest.approx(trl_run["loss"], abs=1e-4)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        assert float(out.values[key].mean()) == pytest.approx(trl_run["metrics"][key], abs=1e-4), key
+        assert float(out.pair_metrics[key].mean()) == pytest.approx(trl_run["metrics"][key], abs=1e-4), key
     for key in ("logps/chosen", "logps/rejected"):
-        assert float(out.values[key].mean()) == pytest.approx(trl_run["metrics"][key], rel=1e-4), key
+        assert float(out.pair_metrics[key].mean()) == pytest.approx(trl_run["metrics"][key], rel=1e-4), key
     assert trl_run["metrics"]["rewards/margins"] != pytest.approx(0.0, abs=1e-3)  # two different models
 
 

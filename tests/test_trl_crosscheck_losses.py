@@ -157,16 +157,16 @@ def run_case(trl_setup, name: str, layout: str = "packed", prefix_sharing: bool 
             ours = our_loss(ours_model, reference, [pairs[i]], cfg, layout, prefix_sharing, pad)
             close(float(ours.loss), float(theirs), f"{name} pair {i} loss", floor)
             for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-                close(float(ours.values[key][0]), metrics[key], f"{name} pair {i} {key}", floor)
+                close(float(ours.pair_metrics[key][0]), metrics[key], f"{name} pair {i} {key}", floor)
         theirs, metrics = trl_loss(trainer, rows)
         ours = our_loss(ours_model, reference, pairs, cfg, layout, prefix_sharing, pad)
         close(float(ours.loss), float(theirs), f"{name} batch loss", floor)
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                     "logps/rejected"):
-            close(float(ours.values[key].mean()), metrics[key], f"{name} batch {key}", floor)
+            close(float(ours.pair_metrics[key].mean()), metrics[key], f"{name} batch {key}", floor)
         if len(names) > 1:  # the components add up to the total, by their weights
-            total = sum(w * ours.values[f"loss/{n}"] for n, w in zip(names, cfg.loss_weights))
-            torch.testing.assert_close(total, ours.values["loss"], rtol=1e-12, atol=1e-12)
+            total = sum(w * ours.pair_metrics[f"loss/{n}"] for n, w in zip(names, cfg.loss_weights))
+            torch.testing.assert_close(total, ours.pair_metrics["loss"], rtol=1e-12, atol=1e-12)
 
     # A few SGD steps, each side on its own loss: the trajectories stay together.
     lr = LR_FOR.get(name, LR)
