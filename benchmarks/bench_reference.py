@@ -36,6 +36,7 @@ def build_workload(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
     import datasets
 
+    from dpo.contract import stamp_report
     from dpo.tiny import build_model, build_tokenizer
 
     vocab = 2048
@@ -48,10 +49,12 @@ def build_workload(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
               "rejected_ids": [rng.randrange(3, vocab) for _ in range(rng.randint(16, 48))] + [2]}
              for _ in range(args.batch_size * args.steps)]
     datasets.Dataset.from_list(pairs).save_to_disk(str(data_dir / "train"))
-    # Only its pad id and hash matter here: the pairs are ids already.
+    # Only its pad id and hash matter here: the pairs are ids already. The report records the hashes training
+    # verifies, as data_prep would (dpo.contract).
     build_tokenizer(["a tokenizer for a benchmark of random token ids"] * 4, vocab_size=300).save_pretrained(
         data_dir / "tokenizer")
-    (data_dir / "prep_report.json").write_text(json.dumps({"pad_token_id": 0, "eos_token_id": 2}))
+    report = stamp_report({"pad_token_id": 0, "eos_token_id": 2}, data_dir)
+    (data_dir / "prep_report.json").write_text(json.dumps(report))
     return model_dir, data_dir
 
 
@@ -78,13 +81,13 @@ def worker(args: argparse.Namespace) -> None:
     policy = load_policy(cfg).to(device)
     policy.train()
     optimizer = build_optimizer(policy, cfg)
-    reference = build_reference(reference_kind, cfg, accelerator)
+    reference = build_reference(reference_kind, cfg, accelerator, policy=policy)
     times = []
     for indices in train_micro_batches(len(dataset), batch_size=args.batch_size, num_processes=1, process_index=0,
                                        accumulation=1, seed=0, epoch=0):
         batch = collate([dataset[i] for i in indices], None).to(device)
         start = time.perf_counter()
-        out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=policy)
+        out = forward_and_loss(policy, reference, batch, cfg)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,9 +15,9 @@ from data_prep.tokenize import (
     TokenizedPair,
     assemble,
     common_prefix_length,
-    tokenizer_hash,
     truncate,
 )
+from dpo.contract import tokenizer_sha256 as tokenizer_hash
 from dpo.tiny import CHAT_TEMPLATE
 
 BOS, EOS = 1, 2
