@@ -20,6 +20,7 @@ from dpo import atomic
 from dpo.errors import run_cli
 from dpo.precompute_ref import main as precompute_main
 from dpo.reference import FINGERPRINT_FILE
+from dpo.startup import previous_run_outputs, remove_stale_staging
 from dpo.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,3 +200,24 @@ def test_two_processes_report_a_user_error_once_with_exit_2(inputs, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("dpo.train: error:")]) == 1
+
+
+def test_a_run_killed_while_replacing_final_is_undone_and_its_leftovers_count_as_a_run(tmp_path):
+    """final/ is replaced through dpo.atomic: a kill between the two renames leaves the previous final/ in an
+    owner-named `.old-` folder. The folder then holds a run (a fresh run refuses it), and the resuming run puts
+    final/ back and removes every staging folder, the checkpoints' included."""
+    out = tmp_path / "run"
+    owner = f"{dead_pid()}@{atomic._HOST}"
+    previous = out / f".final.old-{owner}-abcd_123" / "previous"
+    previous.mkdir(parents=True)
+    (previous / "model.safetensors").write_bytes(b"weights")
+    (out / f".final.tmp-{owner}-abcd_123").mkdir()
+    (out / ".tmp-checkpoint-4").mkdir()
+    assert sorted(p.name for p in previous_run_outputs(out)) == sorted(
+        [".tmp-checkpoint-4", f".final.old-{owner}-abcd_123", f".final.tmp-{owner}-abcd_123"])
+    said: list[str] = []
+    remove_stale_staging(out, log=said.append)
+    assert snapshot(out) == {"final/model.safetensors": b"weights"}
+    assert sorted(p.name for p in out.iterdir()) == ["final"]
+    assert said[0] == "[dpo] removed .tmp-checkpoint-4, left by a run killed while saving"
+    assert any(line.startswith(f"[dpo] restored {out / 'final'}") for line in said)
