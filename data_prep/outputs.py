@@ -6,7 +6,7 @@
 - `check_output(output, overwrite=...)`: an absent or empty `--output` is used; one holding a previous data_prep
   output (recognised by its `prep_report.json`, written last) is replaced only with `--overwrite`; anything else
   is refused, `--overwrite` or not.
-- `written_by_data_prep(folder)`: folders that inputs skip: previous outputs and staging folders of `atomic`.
+- `written_by_data_prep(folder)`: folders that inputs skip: previous outputs and staging folders of `dpo.atomic`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ DIR afterwards holds
 
 Safety. `--output` may not be, contain or lie inside any input; `--overwrite` replaces only a previous data_prep
 output (one holding `prep_report.json` and nothing else of the user's); staging folders of killed runs beside
-`--output` are cleaned, and an interrupted replacement is undone, when the command is run again (`atomic`).
+`--output` are cleaned, and an interrupted replacement is undone, when the command is run again (`dpo.atomic`).
 Tokenizers load from local folders (or the local Hugging Face cache) only: nothing is downloaded. Eval inputs that
 overlap the train inputs, or whose every prompt is also a training prompt, are refused; a partial prompt overlap is
 warned about and counted (`eval_prompts_in_train`). `--seed` without `--eval_fraction` is an error.
