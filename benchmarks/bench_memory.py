@@ -135,7 +135,8 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     optimizer = build_optimizer(policy, cfg)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
-    reference = build_reference("adapters_disabled" if cfg.lora else "model", cfg, accelerator)
+    reference = build_reference("adapters_disabled" if cfg.lora else "model", cfg, accelerator, policy=policy,
+                                unwrapped_policy=unwrapped)
     weights, trainable, _ = parameter_bytes(unwrapped, *([reference.model] if reference.model is not None else []))
     after_load = rss_mb()
     pairs = json.loads((args.workdir / "pairs.json").read_text())[length]
@@ -147,7 +148,7 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
         batch = collate(pairs[step * cfg.batch_size:(step + 1) * cfg.batch_size], None).to(accelerator.device)
         scored = int((batch.target_seq >= 0).sum())
         start = time.perf_counter()
-        out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped)
+        out = forward_and_loss(policy, reference, batch, cfg)
         accelerator.backward(out.loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,7 @@ from benchmarks.bench_throughput import Row
 from benchmarks.bench_throughput import parse_args as throughput_args
 from benchmarks.bench_throughput import run_row_in_subprocess
 from demo.tiny import build_model, build_tokenizer
+from dpo.contract import stamp_report
 from dpo.data import load_split
 
 VOCAB_SIZE = 2048
@@ -57,10 +58,12 @@ def build_workload(root: Path, args: argparse.Namespace) -> float:
               "rejected_ids": [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randint(16, 48))] + [2]}
              for _ in range(args.batch_size * args.steps)]
     datasets.Dataset.from_list(pairs).save_to_disk(str(data_dir / "train"))
-    # Only its pad id and hash matter here: the pairs are ids already.
+    # Only its pad id and hash matter here: the pairs are ids already. The report records the hashes training
+    # verifies, as data_prep would (dpo.contract).
     build_tokenizer(["a tokenizer for a benchmark of random token ids"] * 4, vocab_size=300).save_pretrained(
         data_dir / "tokenizer")
-    (data_dir / "prep_report.json").write_text(json.dumps({"pad_token_id": 0, "eos_token_id": 2}))
+    report = stamp_report({"pad_token_id": 0, "eos_token_id": 2}, data_dir)  # what data_prep would write
+    (data_dir / "prep_report.json").write_text(json.dumps(report))
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "dpo.precompute_ref", "--model_path", str(model_dir),
                            "--data_path", str(data_dir), "--batch_size", str(args.batch_size)],

@@ -258,7 +258,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     optimizer = build_optimizer(policy, cfg)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
-    reference = build_reference(row.reference, cfg, accelerator)
+    reference = build_reference(row.reference, cfg, accelerator, policy=policy, unwrapped_policy=unwrapped)
     if row.precision == "bf16":  # the price of autocast: per-sequence log-prob error against fp32
         with torch.no_grad():
             approx = sequence_logps(policy, first)
@@ -276,7 +276,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         sync_device(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         batch = collate(pairs_k, None).to(device)
-        out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped)
+        out = forward_and_loss(policy, reference, batch, cfg)
         accelerator.backward(out.loss)
         accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()

@@ -6,21 +6,18 @@
 - `check_output(output, overwrite=...)`: an absent or empty `--output` is used; one holding a previous data_prep
   output (recognised by its `prep_report.json`, written last) is replaced only with `--overwrite`; anything else
   is refused, `--overwrite` or not.
-- `written_by_data_prep(folder)`: folders that inputs skip: previous outputs and staging folders of `atomic`.
+- `written_by_data_prep(folder)`: folders that inputs skip: previous outputs and staging folders of `dpo.atomic`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from data_prep.atomic import is_staging_name
+from dpo.atomic import is_staging_name, staging_target
+from dpo.contract import REPORT_NAME
 
-REPORT_NAME = "prep_report.json"
 OUTPUT_ENTRIES = frozenset({"train", "eval", "tokenizer", REPORT_NAME})
-# What `python -m dpo.precompute_ref` leaves beside a split it replaces (train.old, .tmp-train-ref, ...).
-_SPLIT_LEFTOVER = re.compile(r"^\.?(tmp-)?(train|eval)[.-]")
 _SHOWN = 3
 
 
@@ -88,7 +85,9 @@ def check_output(output: Path, *, overwrite: bool) -> None:
             f"--output {output} holds files data_prep did not write ({_listing(entries)}) and no "
             f"{REPORT_NAME}: data_prep replaces only its own outputs, even with --overwrite; choose another --output"
         )
-    foreign = [path for path in entries if path.name not in OUTPUT_ENTRIES and not _SPLIT_LEFTOVER.match(path.name)]
+    # What `python -m dpo.precompute_ref` may leave beside a split it replaces: dpo.atomic staging folders.
+    foreign = [path for path in entries
+               if path.name not in OUTPUT_ENTRIES and staging_target(path.name) not in ("train", "eval")]
     if foreign:
         raise OutputError(
             f"--output {output} holds a previous data_prep output plus files it did not write "

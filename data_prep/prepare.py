@@ -12,11 +12,12 @@ DIR afterwards holds
                         responses without the prompt, each ending in one EOS) and source_index (int64, the
                         record's number among the records read for that split)
     tokenizer/          the tokenizer, `save_pretrained` (pad token set to EOS when it had none)
-    prep_report.json    counts, skip reasons with `file:line` examples, token-length statistics, hashes
+    prep_report.json    counts, skip reasons with `file:line` examples, token-length statistics, and the hashes
+                        training verifies the data with (`dpo.contract`)
 
 Safety. `--output` may not be, contain or lie inside any input; `--overwrite` replaces only a previous data_prep
 output (one holding `prep_report.json` and nothing else of the user's); staging folders of killed runs beside
-`--output` are cleaned, and an interrupted replacement is undone, when the command is run again (`atomic`).
+`--output` are cleaned, and an interrupted replacement is undone, when the command is run again (`dpo.atomic`).
 Tokenizers load from local folders (or the local Hugging Face cache) only: nothing is downloaded. Eval inputs that
 overlap the train inputs, or whose every prompt is also a training prompt, are refused; a partial prompt overlap is
 warned about and counted (`eval_prompts_in_train`). `--seed` without `--eval_fraction` is an error.
@@ -34,16 +35,13 @@ import json
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from data_prep.atomic import recover, staged_folder, write_text_atomic
 from data_prep.formats import (
     SHAPES,
     BadRecord,
@@ -52,20 +50,12 @@ from data_prep.formats import (
     PreferencePair,
     SkipLog,
 )
-from data_prep.outputs import REPORT_NAME, OutputError, check_not_overlapping, check_output
+from data_prep.outputs import OutputError, check_not_overlapping, check_output
 from data_prep.sources import EVAL_SPLITS, ColumnMap, holds_splits, read_sources
-from data_prep.tokenize import PairTokenizer, TokenizedPair, tokenizer_hash
+from data_prep.tokenize import PairTokenizer, TokenizedPair
 from data_prep.tokenizer_source import load_tokenizer
-
-TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-FEATURES = Features(
-    {
-        "prompt_ids": List(Value("int32")),
-        "chosen_ids": List(Value("int32")),
-        "rejected_ids": List(Value("int32")),
-        "source_index": Value("int64"),
-    }
-)
+from dpo.atomic import recover, staged_folder, write_text_atomic
+from dpo.contract import PREP_FEATURES, REPORT_NAME, TOKEN_COLUMNS, stamp_report
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -237,24 +227,7 @@ def to_dataset(pairs: list[TokenizedPair]) -> Dataset:
         "rejected_ids": [pair.rejected_ids for pair in pairs],
         "source_index": [pair.index for pair in pairs],
     }
-    return Dataset.from_dict(columns, features=FEATURES)
-
-
-def token_columns_hash(splits: Mapping[str, Dataset]) -> str:
-    """sha256 over the token columns of every split (by name, sorted), as int64 lengths and values.
-
-    Independent of shard count and of int32/int64 storage; `load_from_disk` output hashes the same as what
-    was written, so training can use it as the data fingerprint.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(splits):
-        table = splits[name].with_format("arrow")[:]
-        digest.update(f"{name}:{table.num_rows};".encode())
-        for column in TOKEN_COLUMNS:
-            array = table.column(column).combine_chunks()
-            digest.update(pc.list_value_length(array).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
-            digest.update(array.flatten().to_numpy(zero_copy_only=False).astype("<i8").tobytes())
-    return digest.hexdigest()
+    return Dataset.from_dict(columns, features=PREP_FEATURES)
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:
@@ -373,7 +346,7 @@ def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
         "format": formats,
         "tokenizer": {
             "name_or_path": args.tokenizer,
-            "hash": None,  # filled in from the saved copy below
+            "hash": None,  # filled in from the saved copy below (stamp_report)
             "chat_template": str(args.chat_template) if args.chat_template else "tokenizer",
             "pad_token_set_to_eos": pad_added,
         },
@@ -389,7 +362,6 @@ def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "prompt_starts_with_bos": pair_tokenizer.special.adds_bos,
-        "data_hash": token_columns_hash(datasets),
         "columns": [*TOKEN_COLUMNS, "source_index"],
         "inputs": {"train": args.input, "eval": args.eval_input or []},
         "split": {"eval_fraction": args.eval_fraction, "seed": args.seed},
@@ -406,9 +378,7 @@ def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
                 name: write_split(staging / name, data, args.num_shards) for name, data in datasets.items()
             }
             tokenizer.save_pretrained(str(staging / "tokenizer"))
-            report["tokenizer"]["hash"] = tokenizer_hash(
-                AutoTokenizer.from_pretrained(str(staging / "tokenizer"))
-            )
+            stamp_report(report, staging)  # the hashes training checks, of what was written (dpo.contract)
             # Written last: a folder with a report is complete even before the rename.
             write_text_atomic(staging / REPORT_NAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     except OSError as error:  # disk full, no permission: nothing was replaced, the staging folder is gone

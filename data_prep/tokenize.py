@@ -37,8 +37,6 @@ become identical is dropped (`identical_after_truncation`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -74,26 +72,6 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     adds_bos = bos_id is not None and with_special[:1] == [bos_id] and without[:1] != [bos_id]
     return SpecialIds(bos_id=bos_id, eos_id=tokenizer.eos_token_id, adds_bos=adds_bos)
-
-
-def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of what decides token ids: vocabulary, merges, normaliser etc., chat template, special ids.
-
-    Stable across `save_pretrained`/`from_pretrained`, so training can check that it uses the prep tokenizer.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-    else:
-        state = sorted(tokenizer.get_vocab().items())
-    payload = {
-        "tokenizer": state,
-        "chat_template": tokenizer.chat_template,
-        "special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _one_line(error: Exception) -> str:

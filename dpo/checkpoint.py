@@ -4,7 +4,8 @@
 DeepSpeed its engine files), and, written by this module as JSON: `trainer_state.json` (step, early stopping),
 `scheduler_state.json` (the LR scheduler), `rng_state_RANK.json` (Python, NumPy and torch generators of every
 process) and `run_config.json` (the resolved config of the run). `manifest.json`, written last, lists every file
-with its size and sha256. The folder is written under a temporary name and renamed when complete.
+with its size and sha256. The folder is written under a temporary name (`.tmp-checkpoint-STEP`, known to every
+process) and put in place when complete (`dpo.atomic.replace_folder`).
 
 Loading verifies the manifest first (a changed, missing or unlisted file is refused, named), then reads every
 torch file with `weights_only=True`, DeepSpeed's included: nothing in a checkpoint can run code. `latest` skips a
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
+from dpo.atomic import replace_folder
 from dpo.distributed import deepspeed_checkpoint_globals
 from dpo.errors import UserError
 from dpo.fingerprint import file_sha256
@@ -201,8 +203,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
             (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=2))
             (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
             write_manifest(tmp)  # last: a checkpoint with a manifest is complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        replace_folder(tmp, final)  # an older checkpoint of this step goes only once this one is in place
         if save_total_limit:
             for old in list_checkpoints(root)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

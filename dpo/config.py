@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from dpo import losses
+from dpo.atomic import write_text_atomic
 from dpo.errors import UserError
 
 
@@ -354,7 +355,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "save_config", "config_to_dict"]

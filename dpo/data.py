@@ -15,10 +15,8 @@ from typing import Any
 import datasets
 import torch
 
+from dpo.contract import REF_COLUMNS, TOKEN_COLUMNS
 from dpo.masks import PAD, SHARED, AttentionSpec, build_attention_mask
-
-REQUIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
@@ -78,9 +76,9 @@ def load_split(data_path: str | Path, split: str) -> datasets.Dataset | None:
     if not path.exists():
         return None
     dataset = datasets.load_from_disk(str(path))
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    missing = [c for c in TOKEN_COLUMNS if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; expected {list(REQUIRED_COLUMNS)} (run data_prep)")
+        raise ValueError(f"{path}: missing columns {missing}; expected {list(TOKEN_COLUMNS)} (run data_prep)")
     if len(dataset) == 0:
         raise ValueError(f"{path}: holds no pairs")
     return dataset

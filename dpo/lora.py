@@ -10,14 +10,14 @@ model. Both functions rebuild that base with `dpo.models.load_base_model`, the f
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo.atomic import staged_folder
 from dpo.config import TrainConfig
-from dpo.models import atomic_replace_dir, load_base_model
+from dpo.models import load_base_model
 
 
 def load_trained_adapter(cfg: TrainConfig, adapter_dir: str | Path, *, dequantize: bool = False) -> PeftModel:
@@ -38,10 +38,7 @@ def merge_adapter_into_base(cfg: TrainConfig, adapter_dir: str | Path, merged_di
     loadable with `AutoModelForCausalLM.from_pretrained`. The folder appears only once complete. A quantised base
     is dequantised first, so the merged model is in the frozen dtype (16-bit with --torch_dtype bf16/fp16)."""
     merged = load_trained_adapter(cfg, adapter_dir, dequantize=True).merge_and_unload()
-    merged_dir = Path(merged_dir)
-    tmp = merged_dir.with_name(f".tmp-{merged_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    atomic_replace_dir(tmp, merged_dir)
+    with staged_folder(Path(merged_dir)) as staging:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
     return merged

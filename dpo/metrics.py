@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from dpo.atomic import write_text_atomic
+
 # Per-pair quantities summed (weighted) over the pairs of a step; their means are logged under these names.
 PAIR_METRICS = (
     "loss",
@@ -127,7 +129,7 @@ class MetricsWriter:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -6,7 +6,6 @@ Weights load as safetensors only, and `trust_remote_code` stays off unless the c
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +77,6 @@ def _configs(config: PretrainedConfig | None) -> list[PretrainedConfig]:
     return found
 
 
-def reference_source(cfg: TrainConfig) -> tuple[str, str | None]:
-    """(model folder, SFT adapter folder or None) of the reference: `ref_model_path` alone when given, otherwise
-    the starting policy, i.e. `model_path` with `lora_adapter_path` merged in - never the bare base."""
-    if cfg.ref_model_path and Path(cfg.ref_model_path).resolve() != Path(cfg.model_path).resolve():
-        return cfg.ref_model_path, None
-    return cfg.model_path, cfg.lora_adapter_path
-
-
 def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig, frozen: bool = False
                     ) -> PreTrainedModel:
     """A model folder, dropout off, with an SFT LoRA adapter merged into its weights when `adapter_path` is set.
@@ -100,15 +91,6 @@ def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig, fr
             raise FileNotFoundError(f"lora_adapter_path {adapter_path!r} does not exist")
         model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
     disable_dropout(model)
-    return model
-
-
-def load_reference_model(cfg: TrainConfig) -> PreTrainedModel:
-    """The frozen copy: loaded once, eval mode, no gradients, in the frozen weights' dtype (`dpo.precision`)."""
-    path, adapter_path = reference_source(cfg)
-    model = load_base_model(path, adapter_path=adapter_path, cfg=cfg, frozen=True)
-    model.eval()
-    model.requires_grad_(False)
     return model
 
 
@@ -136,15 +118,3 @@ def load_policy(cfg: TrainConfig) -> PreTrainedModel:
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
-
-
-def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written `tmp` over `final`; an older `final` is removed only after `tmp` is complete."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)

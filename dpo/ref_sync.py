@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpo.atomic import write_file_atomic
 from dpo.distributed import gathered_parameters
 
 REFERENCE_FILE = "reference.safetensors"
@@ -64,9 +65,7 @@ def save_reference(reference_model: Any, folder: str | Path, accelerator: Any) -
             if accelerator.is_main_process:
                 state[name] = param.detach().to("cpu", copy=True).contiguous()
     if accelerator.is_main_process:
-        tmp = Path(folder) / (REFERENCE_FILE + ".tmp")
-        save_file(state, str(tmp))
-        tmp.rename(Path(folder) / REFERENCE_FILE)
+        write_file_atomic(Path(folder) / REFERENCE_FILE, lambda path: save_file(state, str(path)))
 
 
 @torch.no_grad()

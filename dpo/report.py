@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dpo.atomic import write_file_atomic
 from dpo.metrics import read_metrics
 
 # (title, [(metric name, label)], what a healthy run looks like) - one panel each.
@@ -58,7 +59,7 @@ def draw_report(output_dir: str | Path, output: str | Path | None = None) -> Pat
     path = Path(output) if output is not None else Path(output_dir) / "report.png"
     fig = draw_figure(records, f"DPO run: {Path(output_dir).resolve().name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_file_atomic(path, lambda temporary: fig.savefig(temporary, dpi=100, format="png"))
     plt.close(fig)
     return path
 

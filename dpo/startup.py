@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from dpo.atomic import interrupted_replacement, is_staging_name, recover_all
 from dpo.config import config_to_dict
 from dpo.errors import UserError
 
-# What a run writes into output_dir (dpo.report adds report.png); nothing else there is ever removed.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tensorboard", "final", "final.old", "final_merged",
-               "final_merged.old", "report.png")
+# What a run writes into output_dir (dpo.report adds report.png), and the staging folders of `dpo.atomic` beside
+# them; nothing else there is ever removed.
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "tensorboard", "final", "final_merged", "report.png")
 RUN_OUTPUT_GLOBS = ("checkpoint-*", ".tmp-*")
 PATH_KEYS = ("model_path", "data_path", "ref_model_path", "lora_adapter_path")
 # Keys a resumed run may change: how long it runs, how often it logs, evaluates and saves, where it reports, and
@@ -44,9 +45,11 @@ def check_inputs(cfg: Any) -> None:
         raise UserError(f"ref_model_path: {cfg.ref_model_path} does not exist")
     if cfg.lora_adapter_path and not (Path(cfg.lora_adapter_path) / "adapter_config.json").is_file():
         raise UserError(f"lora_adapter_path: {cfg.lora_adapter_path} holds no adapter_config.json")
-    if (Path(cfg.data_path) / "train.old").is_dir() and not (Path(cfg.data_path) / "train").exists():
+    moved_aside = interrupted_replacement(Path(cfg.data_path) / "train")
+    if moved_aside is not None:
         raise UserError(f"data_path: {cfg.data_path}/train was being replaced by a dpo.precompute_ref that was "
-                        f"killed (train.old/ is left); run dpo.precompute_ref again to restore and complete it")
+                        f"killed ({moved_aside.name}/ is left); run dpo.precompute_ref again to restore and complete "
+                        f"it")
     if not (Path(cfg.data_path) / "train").is_dir():
         what = "does not exist" if not Path(cfg.data_path).exists() else "has no train/ split"
         raise UserError(f"data_path: {cfg.data_path} {what}; run data_prep first (python -m data_prep --input ... "
@@ -59,6 +62,7 @@ def previous_run_outputs(output_dir: str | Path) -> list[Path]:
         return []
     found = [root / name for name in RUN_OUTPUTS if (root / name).exists()]
     found += [p for pattern in RUN_OUTPUT_GLOBS for p in sorted(root.glob(pattern))]
+    found += [p for p in sorted(root.iterdir()) if is_staging_name(p.name)]
     return found
 
 
@@ -87,10 +91,14 @@ def clear_previous_run(output_dir: str | Path, *, log: Callable[[str], None]) ->
 
 
 def remove_stale_staging(output_dir: str | Path, *, log: Callable[[str], None]) -> None:
-    """Staging folders (.tmp-checkpoint-N, .tmp-final) of a run killed while saving: never complete, never read."""
+    """Staging folders of a run killed while saving: checkpoints (.tmp-checkpoint-N: never complete, never read)
+    and the owner-named ones of `dpo.atomic` (final/, final_merged/; a replacement killed between its renames is
+    undone)."""
     for path in sorted(Path(output_dir).glob(".tmp-*")):
         shutil.rmtree(path, ignore_errors=True)
         log(f"[dpo] removed {path.name}, left by a run killed while saving")
+    for action in recover_all(Path(output_dir)):
+        log(f"[dpo] {action}")
 
 
 def resolved_config(cfg: Any) -> dict[str, Any]:

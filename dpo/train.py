@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,26 +23,26 @@ from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
+from dpo.atomic import staged_folder
 from dpo.config import TrainConfig, config_to_dict, load_config, save_config
 from dpo.config_help import format_help, wants_help
+from dpo.contract import check_data_contract
 from dpo.data import (
     PreferenceBatch,
     eval_micro_batches,
-    has_ref_columns,
     load_split,
     optimizer_steps_per_epoch,
     train_micro_batches,
 )
 from dpo.distributed import build_accelerator
 from dpo.errors import TrainingDiverged, UserError, run_cli
-from dpo.fingerprint import check_data_contract
 from dpo.guard import DivergenceGuard
 from dpo.layouts import choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
-from dpo.models import atomic_replace_dir, is_peft_model, load_policy, load_tokenizer
+from dpo.models import is_peft_model, load_policy, load_tokenizer
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
 from dpo.progress import progress_bar
@@ -68,10 +67,10 @@ class StepOutput:
     pair_metrics: dict[str, torch.Tensor | None]  # [B] per-pair values of dpo.metrics.PAIR_METRICS
 
 
-def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: PreferenceBatch, cfg: TrainConfig,
-                     *, unwrapped_policy: Any) -> StepOutput:
+def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: PreferenceBatch, cfg: TrainConfig
+                     ) -> StepOutput:
     """Reference log-probs (no grad), one policy forward over chosen and rejected together, then the loss."""
-    ref_chosen, ref_rejected = reference.logps(policy, batch, unwrapped_policy=unwrapped_policy)
+    ref_chosen, ref_rejected = reference.logps(batch)
     # Some losses want per-token means (SimPO's reward is length-normalised by definition, Meng et al. 2024, Eq. 4).
     average = cfg.average_log_prob or wants_mean_logps(cfg.loss_type)
     policy_out = sequence_logps(policy, batch, average=average, chunk_size=cfg.logits_chunk_size,
@@ -93,7 +92,7 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collate: Any, cfg: TrainConfig,
-             accelerator: Any, *, unwrapped_policy: Any) -> dict[str, float]:
+             accelerator: Any) -> dict[str, float]:
     """Loss, rewards, preference accuracy and log-ratio over every eval pair exactly once (all processes)."""
     policy.eval()
     acc = MetricAccumulator(accelerator.device)
@@ -101,7 +100,7 @@ def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collat
                                  num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     for indices, weights in batches:
         batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
-        out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped_policy)
+        out = forward_and_loss(policy, reference, batch, cfg)
         acc.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
     policy.train()
     metrics = acc.reduce(accelerator)
@@ -132,18 +131,16 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
     state_dict = accelerator.get_state_dict(policy)  # gathers ZeRO-3 shards into 16-bit weights on the main process
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        tmp = out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with ckpt.reporting_full_disk(tmp):
+        with staged_folder(out / "final") as tmp, ckpt.reporting_full_disk(tmp):
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
-        if cfg.lora and cfg.lora_adapter_path:
-            # This adapter sits on base + SFT adapter; peft's adapter_config only names the bare base, so record
-            # the real base beside it (PeftModel.from_pretrained(bare base, final/) would be another model).
-            (tmp / "dpo_base.json").write_text(json.dumps({
-                "model_path": cfg.model_path, "merged_sft_adapter": cfg.lora_adapter_path,
-                "load_with": "dpo.lora.load_trained_adapter(cfg, 'final') or --merge_lora (final_merged/)"}, indent=2))
-        atomic_replace_dir(tmp, out / "final")
+            if cfg.lora and cfg.lora_adapter_path:
+                # This adapter sits on base + SFT adapter; peft's adapter_config only names the bare base, so
+                # record the real base beside it (PeftModel.from_pretrained(bare base, final/) is another model).
+                (tmp / "dpo_base.json").write_text(json.dumps({
+                    "model_path": cfg.model_path, "merged_sft_adapter": cfg.lora_adapter_path,
+                    "load_with": "dpo.lora.load_trained_adapter(cfg, 'final') or --merge_lora (final_merged/)"},
+                    indent=2))
         if cfg.lora and cfg.merge_lora:
             merge_adapter_into_base(cfg, out / "final", out / "final_merged", tokenizer)
     accelerator.wait_for_everyone()
@@ -185,7 +182,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
     eval_ds = load_split(cfg.data_path, "eval")
-    final_tokenizer = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)
+    data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
+    final_tokenizer = data.tokenizer
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes
@@ -206,13 +204,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             f"(a different {left_out} each epoch: the order is reshuffled)")
 
     # ---- models: the policy, then the reference (one decision, in dpo/reference.py)
-    ref_kind = resolve_reference_kind(cfg, train_has_precomputed=has_ref_columns(train_ds), log=log)
-    if ref_kind == "precomputed":
-        from dpo.precompute_ref import check_precomputed
-
-        check_precomputed(cfg, "train")
-        if eval_ds is not None:
-            check_precomputed(cfg, "eval")
+    ref_kind = resolve_reference_kind(cfg, data, log=log)
     log(f"[dpo] reference: {ref_kind}")
     policy = load_policy(cfg)
     policy.train()
@@ -224,7 +216,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # process); checkpoints carry its state as JSON (dpo/checkpoint.py), never as a pickle.
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped_policy = accelerator.unwrap_model(policy)
-    reference = build_reference(ref_kind, cfg, accelerator)
+    reference = build_reference(ref_kind, cfg, accelerator, policy=policy, unwrapped_policy=unwrapped_policy)
 
     # ---- layout: the fastest one that a probe of these very models proves exact (dpo/layouts.py)
     probed = [policy] + ([reference.model] if reference.model is not None else [])
@@ -276,7 +268,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
         for indices in micro_batches[trained_micro_batches:]:
             batch = collate([train_ds[i] for i in indices], None).to(accelerator.device)
             with accelerator.accumulate(policy):  # no gradient all-reduce until the step's last micro-batch
-                out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=unwrapped_policy)
+                out = forward_and_loss(policy, reference, batch, cfg)
                 accelerator.backward(out.loss)
             accumulator.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
             if not accelerator.sync_gradients:
@@ -298,8 +290,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 writer.write(state.step, "train", step_metrics)
             if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
                                         or state.step == total_steps):
-                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator,
-                                     unwrapped_policy=unwrapped_policy)
+                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator)
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:

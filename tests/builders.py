@@ -15,6 +15,8 @@ from pathlib import Path
 import datasets
 
 from demo.tiny import build_model, build_tokenizer
+from dpo.contract import SPLITS, PreparedData, check_data_contract, stamp_report
+from dpo.data import load_split
 
 CORPUS = [f"what is {a} plus {b}? the answer is {a + b}." for a in range(30) for b in range(30)]
 
@@ -56,8 +58,21 @@ def make_data_dir(path: Path, tokenizer, *, n_train: int = 32, n_eval: int = 12,
     tokenizer.save_pretrained(path / "tokenizer")
     report = {"pairs_written": {"train": n_train, "eval": n_eval}, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
-    (path / "prep_report.json").write_text(json.dumps(report))
+    restamp(path, report)
     return path
+
+
+def restamp(path: Path, report: dict | None = None) -> None:
+    """(Re)write path/prep_report.json with the hashes of what the folder holds now, as data_prep records them
+    (dpo.contract.stamp_report): for tests that change the data as a new data_prep run would."""
+    if report is None:
+        report = json.loads((path / "prep_report.json").read_text())
+    (path / "prep_report.json").write_text(json.dumps(stamp_report(report, path)))
+
+
+def prepared(cfg) -> PreparedData:
+    """cfg.data_path as training checks it (dpo.contract), quietly: what the reference decision takes."""
+    return check_data_contract(cfg, {s: load_split(cfg.data_path, s) for s in SPLITS}, log=lambda _: None)
 
 
 def accelerator():
@@ -70,5 +85,5 @@ def accelerator():
 def frozen_copy_logps(reference, batch):
     """The frozen copy's log-probs on the CPU (on a GPU machine the Accelerator places the copy on the GPU)."""
     device = next(reference.model.parameters()).device
-    chosen, rejected = reference.logps(None, batch.to(device))
+    chosen, rejected = reference.logps(batch.to(device))
     return chosen.cpu(), rejected.cpu()

@@ -15,8 +15,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import data_prep.prepare as prepare
 from data_prep.formats import Reason
-from data_prep.prepare import main, split_eval, token_columns_hash
-from data_prep.tokenize import TokenizedPair, tokenizer_hash
+from data_prep.prepare import main, split_eval
+from data_prep.tokenize import TokenizedPair
+from dpo.contract import data_sha256, split_sha256, tokenizer_sha256
 
 GOOD = {"prompt": "The answer is", "chosen": " yes", "rejected": " no"}
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +106,9 @@ def test_all_three_shapes_round_trip_through_load_from_disk(
     assert [row["source_index"] for row in rows] == [0, 1, 2]
 
     saved = AutoTokenizer.from_pretrained(str(output / "tokenizer"))
-    assert report["tokenizer"]["hash"] == tokenizer_hash(saved) == tokenizer_hash(tokenizer)
-    assert report["data_hash"] == token_columns_hash({"train": train})
+    assert report["tokenizer"]["hash"] == tokenizer_sha256(saved) == tokenizer_sha256(tokenizer)
+    assert report["data_hashes"] == {"train": split_sha256(train)}
+    assert report["data_hash"] == data_sha256({"train": split_sha256(train)})
     # Token-length statistics by hand. Prompts: 4 tokens (explicit), 12 (implicit: <s> Ċ Ċ Human : Ġ H i Ċ Ċ
     # Assistant :) and 9 (chat: <s> <|user|> Ċ H i </s> Ċ <|assistant|> Ċ): mean 25/3, p95 = 9 + 0.9 * (12 - 9).
     assert [len(row["prompt_ids"]) for row in rows] == [4, 12, 9]
@@ -424,12 +426,10 @@ def test_num_proc_and_batches_keep_order(tokenizer_dir: Path, tmp_path: Path) ->
 
 def test_token_columns_hash_ignores_storage_width_but_not_values() -> None:
     rows = {"prompt_ids": [[1, 5]], "chosen_ids": [[6, 2]], "rejected_ids": [[7, 2]]}
-    base = token_columns_hash({"train": Dataset.from_dict(rows)})  # int64 columns
-    assert base == token_columns_hash(
-        {"train": prepare.to_dataset([TokenizedPair([1, 5], [6, 2], [7, 2], 0, "", 0, 0)])}
-    )
-    assert base != token_columns_hash({"train": Dataset.from_dict({**rows, "chosen_ids": [[6, 6, 2]]})})
-    assert base != token_columns_hash({"eval": Dataset.from_dict(rows)})
+    base = split_sha256(Dataset.from_dict(rows))  # int64 columns
+    assert base == split_sha256(prepare.to_dataset([TokenizedPair([1, 5], [6, 2], [7, 2], 0, "", 0, 0)]))
+    assert base != split_sha256(Dataset.from_dict({**rows, "chosen_ids": [[6, 6, 2]]}))
+    assert data_sha256({"train": base}) != data_sha256({"eval": base})
 
 
 def test_non_empty_output_is_refused_without_overwrite(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from data_prep import atomic
 from data_prep.prepare import main
+from dpo import atomic
 
 GOOD = {"prompt": "The answer is", "chosen": " yes", "rejected": " no"}
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_a_prep_output_given_as_input_is_refused(
 
 _KILLER = """
 import os, signal, sys
-import data_prep.atomic as atomic
+import dpo.atomic as atomic
 import data_prep.prepare as prepare
 where = sys.argv[1]
 if where == "writing":  # killed while the shards are being written into the staging folder

@@ -15,10 +15,10 @@ from data_prep.tokenize import (
     TokenizedPair,
     assemble,
     common_prefix_length,
-    tokenizer_hash,
     truncate,
 )
 from demo.tiny import CHAT_TEMPLATE
+from dpo.contract import tokenizer_sha256 as tokenizer_hash
 
 BOS, EOS = 1, 2
 

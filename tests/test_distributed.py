@@ -375,7 +375,7 @@ CHECK_REFERENCE = textwrap.dedent('''
     for indices, weights in eval_micro_batches(len(data), batch_size=2, num_processes=2,
                                                process_index=accelerator.process_index):
         batch = collate([data[i] for i in indices], weights)
-        chosen, rejected = reference.logps(None, batch)
+        chosen, rejected = reference.logps(batch)
         for i, w, c, r in zip(indices, weights, chosen.tolist(), rejected.tolist()):
             if w:
                 logps[i] = [c, r]

@@ -1,7 +1,7 @@
-"""dpo/fingerprint.py: fingerprints cover every weight format (an SFT adapter saved as adapter_model.bin too), the
-tokenizer's chat template and the token columns; training refuses data prepared with another tokenizer or with ids
-outside the embedding matrix, accepts an embedding matrix larger than the tokenizer, and final/ ships the model's
-tokenizer."""
+"""dpo/fingerprint.py and the model side of dpo/contract.py: fingerprints cover every weight format (an SFT adapter
+saved as adapter_model.bin too) and the tokenizer's chat template; training refuses data prepared with another
+tokenizer or with ids outside the embedding matrix, accepts an embedding matrix larger than the tokenizer, and final/
+ships the model's tokenizer."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from builders import make_data_dir, make_model_dir, make_tokenizer
+from builders import make_data_dir, make_model_dir, make_tokenizer, restamp
 from demo.tiny import build_tokenizer
 from dpo.config import TrainConfig
-from dpo.fingerprint import adapter_sha256, id_range, tokenizer_sha256, weights_sha256
-from dpo.precompute_ref import run_fingerprint
+from dpo.contract import id_range, tokenizer_sha256
+from dpo.fingerprint import adapter_sha256, weights_sha256
+from dpo.reference import run_fingerprint
 from dpo.train import main
 
 FAST = ("--batch_size", "4", "--max_steps", "1", "--learning_rate", "1e-3")
@@ -58,10 +59,9 @@ def test_an_adapter_saved_as_bin_changes_the_precomputed_fingerprint(inputs, tmp
     torch.save({"lora_A": torch.ones(2, 2)}, adapter / "adapter_model.bin")
     cfg = TrainConfig(model_path=str(inputs["model"]), data_path=str(inputs["data"]), lora=True,
                       lora_adapter_path=str(adapter))
-    dataset = datasets.load_from_disk(str(inputs["data"] / "train"))
-    first = run_fingerprint(cfg, dataset)
+    first = run_fingerprint(cfg)
     torch.save({"lora_A": torch.full((2, 2), 2.0)}, adapter / "adapter_model.bin")
-    second = run_fingerprint(cfg, dataset)
+    second = run_fingerprint(cfg)
     assert first["adapter_sha256"] != second["adapter_sha256"]
     assert first["weights_sha256"] == second["weights_sha256"]
     assert adapter_sha256(adapter) == second["adapter_sha256"]
@@ -85,6 +85,7 @@ def data_with_tokenizer(inputs, tmp_path: Path, tokenizer) -> Path:
     data = Path(shutil.copytree(inputs["data"], tmp_path / "data"))
     shutil.rmtree(data / "tokenizer")
     tokenizer.save_pretrained(data / "tokenizer")
+    restamp(data)  # prepared with that tokenizer: the report says so
     return data
 
 
@@ -115,6 +116,7 @@ def test_ids_outside_the_embedding_matrix_are_refused(inputs, tmp_path, capsys):
     rows[3]["chosen_ids"] = rows[3]["chosen_ids"] + [len(inputs["tokenizer"]) + 5]
     shutil.rmtree(data / "train")
     datasets.Dataset.from_list(rows).save_to_disk(str(data / "train"))
+    restamp(data)  # prepared that way: the report says so
     assert main(["--model_path", str(inputs["model"]), "--data_path", str(data), "--output_dir",
                  str(tmp_path / "out"), *FAST]) == 2
     line = error_line(capsys)

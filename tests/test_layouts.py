@@ -21,7 +21,7 @@ from dpo.layouts import make_collate
 from dpo.logprobs import sequence_logps
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.prefix_sharing import collate_prefix_shared, shared_length
-from dpo.reference import Reference
+from dpo.reference import Reference, make_reference
 from dpo.train import forward_and_loss, train
 
 VOCAB = 64
@@ -203,13 +203,13 @@ def test_logps_equal_padded_layout_for_any_lengths(shapes, bound):
 def test_lora_policy_and_adapters_disabled_reference_equal_padded(lora_model, name):
     pairs = make_pairs()
     cfg = TrainConfig(lora=True)
-    reference = Reference(kind="adapters_disabled", cfg=cfg)
+    reference = make_reference("adapters_disabled", cfg, policy=lora_model)
     results = {}
     for layout in ("padded", name):
         batch = collate(pairs, layout)
         with torch.no_grad():
             policy = sequence_logps(lora_model, batch)
-        ref_chosen, ref_rejected = reference.logps(lora_model, batch, unwrapped_policy=lora_model)
+        ref_chosen, ref_rejected = reference.logps(batch)
         results[layout] = (policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected)
     for got, want in zip(results[name], results["padded"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -223,8 +223,8 @@ def test_lora_policy_and_adapters_disabled_reference_equal_padded(lora_model, na
 def reference_for(kind: str, model: torch.nn.Module, cfg: TrainConfig) -> Reference:
     if kind == "model":
         frozen = build_model(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=4).requires_grad_(False)
-        return Reference(kind="model", cfg=cfg, model=frozen)
-    return Reference(kind=kind, cfg=cfg)
+        return make_reference("model", cfg, model=frozen)
+    return make_reference(kind, cfg, policy=model)
 
 
 def with_precomputed_columns(pairs: list[dict], model: torch.nn.Module) -> list[dict]:
@@ -239,7 +239,7 @@ def with_precomputed_columns(pairs: list[dict], model: torch.nn.Module) -> list[
 def loss_and_grads(policy: torch.nn.Module, reference: Reference, batch: PreferenceBatch, cfg: TrainConfig
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     policy.zero_grad(set_to_none=True)
-    out = forward_and_loss(policy, reference, batch, cfg, unwrapped_policy=policy)
+    out = forward_and_loss(policy, reference, batch, cfg)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     return out.loss.detach(), {k: v.detach() for k, v in out.pair_metrics.items() if v is not None}, grads

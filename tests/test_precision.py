@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import make_data_dir, make_model_dir, make_tokenizer
+from builders import make_data_dir, make_model_dir, make_tokenizer, prepared
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.data import load_split
 from dpo.layouts import make_collate
 from dpo.logprobs import sequence_logps
-from dpo.models import load_base_model, load_policy, load_reference_model
+from dpo.models import load_base_model, load_policy
 from dpo.precision import frozen_weights_dtype, weights_label
+from dpo.precompute_ref import precompute
+from dpo.reference import check_precomputed, load_reference_model, make_reference, run_fingerprint
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (pip install bitsandbytes)")
 
@@ -95,26 +97,23 @@ def test_lora_base_and_reference_copy_in_16_bits_adapters_and_full_finetune_in_f
 
 
 def test_fingerprint_records_the_effective_weights_dtype(inputs):
-    from dpo.precompute_ref import run_fingerprint
-
-    dataset = load_split(inputs["data"], "train")
-    assert run_fingerprint(config(inputs), dataset)["dtype"] == "float32"
-    assert run_fingerprint(config(inputs, torch_dtype="bf16"), dataset)["dtype"] == "bfloat16"
+    assert run_fingerprint(config(inputs))["dtype"] == "float32"
+    assert run_fingerprint(config(inputs, torch_dtype="bf16"))["dtype"] == "bfloat16"
     qlora = config(inputs, lora=True, load_in_4bit=True, torch_dtype="bf16")
-    assert run_fingerprint(qlora, dataset)["dtype"] == "nf4/bfloat16"
+    assert run_fingerprint(qlora)["dtype"] == "nf4/bfloat16"
 
 
 def test_precomputed_reference_from_another_dtype_is_refused(inputs, tmp_path):
     import shutil
 
-    from dpo.precompute_ref import check_precomputed, precompute
-
     data = tmp_path / "data"
     shutil.copytree(inputs["data"], data)
-    precompute(config(inputs, data_path=str(data)), ["train"])  # fp32 reference values
-    check_precomputed(config(inputs, data_path=str(data)), "train")  # same dtype: accepted
+    cfg = config(inputs, data_path=str(data))
+    precompute(cfg, ["train"])  # fp32 reference values
+    check_precomputed(cfg, prepared(cfg), "train")  # same dtype: accepted
+    qlora = config(inputs, data_path=str(data), lora=True, load_in_4bit=True)
     with pytest.raises(ValueError, match="weights dtype: precomputed with 'float32', this run has 'nf4/float32'"):
-        check_precomputed(config(inputs, data_path=str(data), lora=True, load_in_4bit=True), "train")
+        check_precomputed(qlora, prepared(qlora), "train")
 
 
 # ------------------------------------------------------------------------------------------------------- QLoRA
@@ -143,8 +142,6 @@ def randomize_adapters(model, seed: int = 0) -> None:
 
 
 def test_qlora_reference_is_the_quantised_base_and_gradients_equal_the_dequantised_twin(inputs):
-    from dpo.reference import Reference
-
     cfg = config(inputs, lora=True, load_in_4bit=True)
     policy = load_policy(cfg)
     assert sum("Linear4bit" in type(m).__name__ for m in policy.modules()) >= 14  # 7 linears x 2 layers, quantised
@@ -153,7 +150,7 @@ def test_qlora_reference_is_the_quantised_base_and_gradients_equal_the_dequantis
     randomize_adapters(policy)  # a trained adapter, so adapters-on and adapters-off differ
     batch = inputs["batch"]
     # The adapters-disabled reference first: an eval forward without gradients (the repacking trap's trigger).
-    ref_chosen, ref_rejected = Reference(kind="adapters_disabled", cfg=cfg).logps(policy, batch)
+    ref_chosen, ref_rejected = make_reference("adapters_disabled", cfg, policy=policy).logps(batch)
     plain = load_base_model(inputs["model"], adapter_path=None, cfg=cfg, frozen=True).eval()
     with torch.no_grad():
         own = sequence_logps(plain, batch)

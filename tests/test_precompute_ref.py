@@ -14,19 +14,20 @@ import datasets
 import pytest
 import torch
 
-from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer
+from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer, prepared, restamp
+from dpo.atomic import is_staging_name
 from dpo.config import TrainConfig, load_config
-from dpo.data import REF_COLUMNS, REQUIRED_COLUMNS, collate_packed, collate_padded, load_split
+from dpo.contract import REF_COLUMNS, TOKEN_COLUMNS, split_sha256
+from dpo.data import collate_packed, collate_padded, load_split
 from dpo.metrics import PAIR_METRICS, read_metrics
-from dpo.precompute_ref import (
+from dpo.precompute_ref import main, precompute
+from dpo.reference import (
     FINGERPRINT_FILE,
+    build_reference,
     check_precomputed,
-    data_sha256,
-    main,
-    precompute,
     precomputed_mismatch,
+    resolve_reference_kind,
 )
-from dpo.reference import build_reference, resolve_reference_kind
 from dpo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,38 +78,27 @@ def test_precomputed_equal_the_on_the_fly_reference(inputs, tmp_path, average):
                 ref_chosen, ref_rejected = frozen_copy_logps(reference, batch)
                 torch.testing.assert_close(batch.ref_chosen_logps, ref_chosen, rtol=0, atol=1e-5)
                 torch.testing.assert_close(batch.ref_rejected_logps, ref_rejected, rtol=0, atol=1e-5)
-        check_precomputed(cfg, split)
+        check_precomputed(cfg, prepared(cfg), split)
 
 
 def test_shards_are_replaced_whole_with_the_token_columns_unchanged(inputs):
     for split in ("train", "eval"):
         before, after = load_split(inputs["data"], split), load_split(inputs["precomputed"], split)
-        assert after.column_names == list(REQUIRED_COLUMNS) + list(REF_COLUMNS)
-        for name in REQUIRED_COLUMNS:
+        assert after.column_names == list(TOKEN_COLUMNS) + list(REF_COLUMNS)
+        for name in TOKEN_COLUMNS:
             assert after[name] == before[name]
-        assert data_sha256(after) == data_sha256(before)
+        assert split_sha256(after) == split_sha256(before)
         fingerprint = json.loads((Path(inputs["precomputed"]) / split / FINGERPRINT_FILE).read_text())
         assert fingerprint["num_pairs"] == len(before) and fingerprint["average_log_prob"] is False
         assert fingerprint["dtype"] == "float32" and fingerprint["mixed_precision"] == "no"
     assert len(list((Path(inputs["precomputed"]) / "train").glob("data-*.arrow"))) == 2
-    assert not list(Path(inputs["precomputed"]).glob(".tmp-*"))
+    assert not [p.name for p in Path(inputs["precomputed"]).iterdir() if is_staging_name(p.name)]
 
 
-def test_data_hash_is_content_not_chunking(inputs, tmp_path):
-    dataset = load_split(inputs["data"], "train")
-    dataset.save_to_disk(str(tmp_path / "three"), num_shards=3)
-    assert data_sha256(datasets.load_from_disk(str(tmp_path / "three"))) == data_sha256(dataset)
-    rows = dataset.to_list()
-    rows[5]["chosen_ids"] = rows[5]["chosen_ids"][:-1] + [rows[5]["chosen_ids"][-1] + 1]
-    assert data_sha256(datasets.Dataset.from_list(rows)) != data_sha256(dataset)
-    rows = dataset.to_list()  # the same ids, one moved from the prompt to the answer: another pair
-    rows[0]["chosen_ids"] = rows[0]["prompt_ids"][-1:] + rows[0]["chosen_ids"]
-    rows[0]["prompt_ids"] = rows[0]["prompt_ids"][:-1]
-    assert data_sha256(datasets.Dataset.from_list(rows)) != data_sha256(dataset)
-
-
-def change_one_pair(data_dir: str) -> None:
-    """Edit a token of the train split but keep its reference columns and fingerprint (a stale precompute)."""
+def change_one_pair(data_dir: str, *, restamped: bool = True) -> None:
+    """Edit a token of the train split but keep its reference columns and fingerprint (a stale precompute).
+    `restamped`: prep_report.json records the edited data, as a new data_prep run would; otherwise it still
+    records the original (the data changed behind data_prep's back)."""
     split_dir = Path(data_dir) / "train"
     original = datasets.load_from_disk(str(split_dir))
     rows = original.to_list()
@@ -119,6 +109,8 @@ def change_one_pair(data_dir: str) -> None:
     shutil.rmtree(split_dir)
     edited.rename(split_dir)
     (split_dir / FINGERPRINT_FILE).write_text(fingerprint)
+    if restamped:
+        restamp(Path(data_dir))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -143,30 +135,43 @@ def test_a_fingerprint_mismatch_is_refused(inputs, tmp_path, capsys, change, mes
         (Path(data) / "train" / FINGERPRINT_FILE).unlink()
     cfg = config(inputs["model"], data, **{"reference": "precomputed", **overrides})
     with pytest.raises(ValueError, match=message) as refused:
-        check_precomputed(cfg, "train")
+        check_precomputed(cfg, prepared(cfg), "train")
     assert "python -m dpo.precompute_ref" in str(refused.value)
     with pytest.raises(ValueError, match=message):
-        resolve_reference_kind(cfg, train_has_precomputed=True)
+        resolve_reference_kind(cfg, prepared(cfg))
     # auto never uses them either: it says why and computes the reference on the fly.
     auto = config(inputs["model"], data, **overrides)
     messages: list[str] = []
-    assert resolve_reference_kind(auto, train_has_precomputed=True, log=messages.append) == "model"
+    assert resolve_reference_kind(auto, prepared(auto), log=messages.append) == "model"
     assert len(messages) == 1 and message in messages[0]
 
 
 def test_auto_uses_matching_precomputed_and_needs_every_split(inputs, tmp_path):
     for lora in (False, True):  # matching stored values skip the reference forward, with LoRA too
-        assert resolve_reference_kind(config(inputs["model"], inputs["precomputed"], lora=lora),
-                                      train_has_precomputed=True) == "precomputed"
+        cfg = config(inputs["model"], inputs["precomputed"], lora=lora)
+        assert resolve_reference_kind(cfg, prepared(cfg)) == "precomputed"
     data = copy_of(inputs, "data", tmp_path)
     assert main(["--model_path", inputs["model"], "--data_path", data, "--splits", "train"]) == 0
-    assert precomputed_mismatch(config(inputs["model"], data), "train") is None
+    cfg = config(inputs["model"], data)
+    assert precomputed_mismatch(cfg, prepared(cfg), "train") is None
     messages: list[str] = []
-    kind = resolve_reference_kind(config(inputs["model"], data, lora=True), train_has_precomputed=True,
-                                  log=messages.append)
+    kind = resolve_reference_kind(config(inputs["model"], data, lora=True), prepared(cfg), log=messages.append)
     assert kind == "adapters_disabled" and "eval" in messages[0]
     with pytest.raises(ValueError, match="eval has no ref_chosen_logps"):
-        resolve_reference_kind(config(inputs["model"], data, reference="precomputed"), train_has_precomputed=True)
+        resolve_reference_kind(config(inputs["model"], data, reference="precomputed"), prepared(cfg))
+
+
+def test_data_changed_behind_the_reports_back_is_refused_before_any_fingerprint(inputs, tmp_path):
+    """Tokens edited after data_prep (the report not rewritten): training's contract check refuses the data
+    itself, naming the split, whatever the reference; nothing is computed or trained."""
+    data = copy_of(inputs, "precomputed", tmp_path)
+    change_one_pair(data, restamped=False)
+    for reference in ("precomputed", "model"):
+        cfg = config(inputs["model"], data, reference=reference)
+        with pytest.raises(ValueError, match="train: its token columns differ from prep_report.json"):
+            prepared(cfg)
+    with pytest.raises(ValueError, match="differ from prep_report.json"):
+        precompute(config(inputs["model"], data), ["train"])
 
 
 def run(model: str, data: str, out: Path, *flags: str) -> list[dict]:
@@ -212,4 +217,5 @@ def test_two_processes_write_each_pair_once_and_agree_with_one(inputs, tmp_path)
             torch.testing.assert_close(torch.tensor(two[column]), torch.tensor(one[column]), rtol=0, atol=1e-5)
         fingerprint = json.loads((Path(data) / split / FINGERPRINT_FILE).read_text())
         assert fingerprint["num_processes"] == 2
-    check_precomputed(config(inputs["model"], data), "train")
+    cfg = config(inputs["model"], data)
+    check_precomputed(cfg, prepared(cfg), "train")

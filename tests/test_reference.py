@@ -11,13 +11,13 @@ import torch
 from lora_builders import make_sft_adapter
 from peft import PeftModel
 
-from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer
+from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer, prepared
 from dpo.config import TrainConfig, load_config
 from dpo.data import collate_padded, load_split
 from dpo.logprobs import sequence_logps
 from dpo.metrics import PAIR_METRICS, read_metrics
 from dpo.models import load_causal_lm, load_policy
-from dpo.reference import Reference, build_reference, resolve_reference_kind
+from dpo.reference import build_reference, make_reference, resolve_reference_kind
 from dpo.train import train
 
 
@@ -56,7 +56,7 @@ def test_adapters_disabled_equals_the_base_model(inputs):
     perturb_lora(policy, seed=3)
     policy.train()
     batch = inputs["batch"]
-    ref_chosen, ref_rejected = Reference("adapters_disabled", cfg).logps(policy, batch)
+    ref_chosen, ref_rejected = make_reference("adapters_disabled", cfg, policy=policy).logps(batch)
     base = sequence_logps(load_causal_lm(inputs["model"]).eval(), batch)
     torch.testing.assert_close(ref_chosen, base.chosen_logps, rtol=0, atol=1e-5)
     torch.testing.assert_close(ref_rejected, base.rejected_logps, rtol=0, atol=1e-5)
@@ -73,7 +73,7 @@ def test_sft_adapter_is_part_of_the_reference_and_the_bare_base_differs(inputs):
     policy = load_policy(cfg)
     perturb_lora(policy, seed=4)  # the fresh DPO adapter must not leak into the reference either
     by_strategy = {
-        "adapters_disabled": Reference("adapters_disabled", cfg).logps(policy, batch),
+        "adapters_disabled": make_reference("adapters_disabled", cfg, policy=policy).logps(batch),
         "model": frozen_copy_logps(build_reference("model", cfg, accelerator()), batch),
     }
     for kind, (ref_chosen, ref_rejected) in by_strategy.items():
@@ -105,18 +105,20 @@ def test_frozen_copy_is_frozen_in_the_policy_dtype(inputs):
     ({"reference": "adapters_disabled", "lora": True}, "adapters_disabled"),
 ])
 def test_auto_and_explicit_choices_without_precomputed_data(inputs, overrides, expected):
-    assert resolve_reference_kind(config(inputs, **overrides), train_has_precomputed=False) == expected
+    cfg = config(inputs, **overrides)
+    assert resolve_reference_kind(cfg, prepared(cfg)) == expected
 
 
 def test_a_separate_reference_model_is_never_replaced_by_disabled_adapters(inputs, tmp_path):
     other = make_model_dir(tmp_path / "other", make_tokenizer(), seed=5)
     cfg = config(inputs, lora=True, ref_model_path=str(other))
-    assert resolve_reference_kind(cfg, train_has_precomputed=False) == "model"
+    data = prepared(cfg)
+    assert resolve_reference_kind(cfg, data) == "model"
     with pytest.raises(ValueError, match="ref_model_path"):
         resolve_reference_kind(config(inputs, lora=True, reference="adapters_disabled", ref_model_path=str(other)),
-                               train_has_precomputed=False)
+                               data)
     with pytest.raises(ValueError, match="precompute_ref"):
-        resolve_reference_kind(config(inputs, reference="precomputed"), train_has_precomputed=False)
+        resolve_reference_kind(config(inputs, reference="precomputed"), data)
 
 
 def test_lora_training_is_the_same_with_disabled_adapters_or_a_frozen_copy(inputs, tmp_path):

@@ -16,9 +16,11 @@ import datasets
 import pytest
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
+from dpo import atomic
 from dpo.errors import run_cli
-from dpo.precompute_ref import FINGERPRINT_FILE
 from dpo.precompute_ref import main as precompute_main
+from dpo.reference import FINGERPRINT_FILE
+from dpo.startup import previous_run_outputs, remove_stale_staging
 from dpo.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,13 +148,26 @@ def test_precompute_ref_user_errors(inputs, tmp_path, capsys):
     assert "data_path:" in error_line(capsys, "dpo.precompute_ref")
 
 
-def test_precompute_ref_recovers_from_a_kill_between_its_renames(inputs, tmp_path):
-    """The state a kill leaves: train/ renamed to train.old/, the new split still staged, another staging folder
-    of an earlier kill. A re-run restores the split, computes it, and removes the leftovers."""
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_precompute_ref_recovers_from_a_kill_between_its_renames(inputs, tmp_path, capsys):
+    """The state a kill leaves (dpo.atomic's names, owned by a process that is gone): train/ moved aside into an
+    `.old-` folder, the new split still staged, another staging folder of an earlier kill. Training refuses the
+    folder and says what to do; a re-run restores the split, computes it, and removes the leftovers."""
     data = Path(shutil.copytree(inputs["data"], tmp_path / "data"))
-    (data / "train").rename(data / "train.old")
-    shutil.copytree(data / "train.old", data / ".tmp-train-ref")
-    (data / ".tmp-eval-ref").mkdir()
+    owner = f"{dead_pid()}@{atomic._HOST}"
+    moved_aside = data / f".train.old-{owner}-abcd_123"
+    moved_aside.mkdir()
+    (data / "train").rename(moved_aside / "previous")
+    shutil.copytree(moved_aside / "previous", data / f".train.tmp-{owner}-abcd_123")
+    (data / f".eval.tmp-{owner}-abcd_123").mkdir()
+    assert main(["--model_path", inputs["model"], "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+                 *FAST]) == 2
+    assert "run dpo.precompute_ref again to restore" in error_line(capsys) and not (tmp_path / "out").exists()
     assert precompute_main(["--model_path", inputs["model"], "--data_path", str(data), "--batch_size", "4"]) == 0
     assert sorted(p.name for p in data.iterdir()) == ["eval", "prep_report.json", "tokenizer", "train"]
     for split in ("train", "eval"):
@@ -185,3 +200,24 @@ def test_two_processes_report_a_user_error_once_with_exit_2(inputs, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("dpo.train: error:")]) == 1
+
+
+def test_a_run_killed_while_replacing_final_is_undone_and_its_leftovers_count_as_a_run(tmp_path):
+    """final/ is replaced through dpo.atomic: a kill between the two renames leaves the previous final/ in an
+    owner-named `.old-` folder. The folder then holds a run (a fresh run refuses it), and the resuming run puts
+    final/ back and removes every staging folder, the checkpoints' included."""
+    out = tmp_path / "run"
+    owner = f"{dead_pid()}@{atomic._HOST}"
+    previous = out / f".final.old-{owner}-abcd_123" / "previous"
+    previous.mkdir(parents=True)
+    (previous / "model.safetensors").write_bytes(b"weights")
+    (out / f".final.tmp-{owner}-abcd_123").mkdir()
+    (out / ".tmp-checkpoint-4").mkdir()
+    assert sorted(p.name for p in previous_run_outputs(out)) == sorted(
+        [".tmp-checkpoint-4", f".final.old-{owner}-abcd_123", f".final.tmp-{owner}-abcd_123"])
+    said: list[str] = []
+    remove_stale_staging(out, log=said.append)
+    assert snapshot(out) == {"final/model.safetensors": b"weights"}
+    assert sorted(p.name for p in out.iterdir()) == ["final"]
+    assert said[0] == "[dpo] removed .tmp-checkpoint-4, left by a run killed while saving"
+    assert any(line.startswith(f"[dpo] restored {out / 'final'}") for line in said)

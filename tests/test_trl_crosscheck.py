@@ -18,7 +18,7 @@ from demo.tiny import build_model  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
 from dpo.layouts import make_collate  # noqa: E402
 from dpo.logprobs import sequence_logps  # noqa: E402
-from dpo.reference import Reference  # noqa: E402
+from dpo.reference import make_reference  # noqa: E402
 from dpo.train import forward_and_loss  # noqa: E402
 
 RECORDS = [  # text pairs; TRL tokenizes them, and its token ids become ours
@@ -82,11 +82,11 @@ def test_logps_loss_and_rewards_equal_trl(trl_run, layout, prefix_sharing):
     batch = make_collate(layout, pad_token_id=pad, max_tokens_per_row=64, prefix_sharing=prefix_sharing)(
         trl_run["pairs"], None)
     cfg = TrainConfig(beta=BETA)
-    reference = Reference(kind="model", cfg=cfg, model=trl_run["reference"])
+    reference = make_reference("model", cfg, model=trl_run["reference"])
     with torch.no_grad():
         ours = sequence_logps(trl_run["policy"], batch)
-        ref_chosen, ref_rejected = reference.logps(trl_run["policy"], batch)
-        out = forward_and_loss(trl_run["policy"], reference, batch, cfg, unwrapped_policy=trl_run["policy"])
+        ref_chosen, ref_rejected = reference.logps(batch)
+        out = forward_and_loss(trl_run["policy"], reference, batch, cfg)
     trl_chosen, trl_rejected = trl_run["policy_logps"]
     torch.testing.assert_close(ours.chosen_logps, trl_chosen, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.rejected_logps, trl_rejected, rtol=1e-4, atol=1e-5)

@@ -29,7 +29,7 @@ from builders import make_tokenizer  # noqa: E402
 from demo.tiny import build_model  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
 from dpo.layouts import make_collate  # noqa: E402
-from dpo.reference import Reference  # noqa: E402
+from dpo.reference import make_reference  # noqa: E402
 from dpo.train import forward_and_loss  # noqa: E402
 
 RECORDS = [  # varied lengths: LD-DPO's tail and WPO's means both have something to do
@@ -129,7 +129,7 @@ def trl_loss(trainer, rows, *, grad: bool = False) -> tuple[torch.Tensor, dict[s
 
 def our_loss(model, reference, pairs, cfg, layout, prefix_sharing, pad):
     batch = make_collate(layout, pad_token_id=pad, max_tokens_per_row=64, prefix_sharing=prefix_sharing)(pairs, None)
-    return forward_and_loss(model, reference, batch, cfg, unwrapped_policy=model)
+    return forward_and_loss(model, reference, batch, cfg)
 
 
 def close(ours: float, theirs: float, what: str, floor: float) -> None:
@@ -146,7 +146,7 @@ def run_case(trl_setup, name: str, layout: str = "packed", prefix_sharing: bool 
     ours_model.load_state_dict(trl_setup["start"])
     ours_model.train()
     cfg = TrainConfig(beta=BETA, **fields)
-    reference = Reference(kind="model", cfg=cfg, model=trainer.ref_model)
+    reference = make_reference("model", cfg, model=trainer.ref_model)
     names = cfg.loss_types
     floor = 1e-6 * BETA * trl_setup["max_abs_logp"]
 

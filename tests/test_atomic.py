@@ -1,4 +1,4 @@
-"""data_prep.atomic: atomic file and folder writes, and the clean-up a re-run does after a killed run."""
+"""dpo/atomic.py: atomic file and folder writes, and the clean-up a re-run does after a killed run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import atomic
-from data_prep.atomic import is_staging_name, recover, staged_folder, write_text_atomic
+from dpo import atomic
+from dpo.atomic import is_staging_name, recover, staged_folder, write_text_atomic
 
 
 def _dead_pid() -> int:
@@ -111,3 +111,49 @@ def test_recover_undoes_an_interrupted_replacement(tmp_path: Path) -> None:
     actions = recover(tmp_path / "out")
     assert actions[0].startswith(f"restored {tmp_path / 'out'}")
     assert _tree(tmp_path) == {"out": None, "out/data": b"previous output"}
+
+
+def test_write_file_atomic_takes_any_writer_and_a_failing_one_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    atomic.write_file_atomic(path, lambda temporary: temporary.write_bytes(b"\x00\x01"))
+    assert path.read_bytes() == b"\x00\x01"
+
+    def half_then_fail(temporary: Path) -> None:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        atomic.write_file_atomic(path, half_then_fail)
+    assert path.read_bytes() == b"\x00\x01" and [entry.name for entry in tmp_path.iterdir()] == ["weights.bin"]
+
+
+def test_replace_folder_swaps_in_a_folder_staged_under_any_name(tmp_path: Path) -> None:
+    """A checkpoint's staging folder has a name every process knows (`.tmp-checkpoint-6`); it replaces an older
+    folder of the same step and nothing of either is left beside it."""
+    target, staging = tmp_path / "checkpoint-6", tmp_path / ".tmp-checkpoint-6"
+    target.mkdir()
+    (target / "old").write_text("old")
+    staging.mkdir()
+    (staging / "new").write_text("new")
+    atomic.replace_folder(staging, target)
+    assert _tree(tmp_path) == {"checkpoint-6": None, "checkpoint-6/new": b"new"}
+    staging.mkdir()
+    atomic.replace_folder(staging, tmp_path / "checkpoint-8")  # no previous folder: one rename
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_interrupted_replacement_is_found_and_recover_all_undoes_it_for_every_target(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    for name in ("final", "final_merged"):
+        old = _staging(tmp_path, name, "old", dead)
+        (old / "previous").mkdir()
+        (old / "previous" / "model").write_text(name)
+    _staging(tmp_path, "final", "tmp", dead)
+    assert atomic.interrupted_replacement(tmp_path / "final").name.startswith(".final.old-")
+    assert atomic.interrupted_replacement(tmp_path / "checkpoint-2") is None
+    assert atomic.staging_target(f".final_merged.old-{dead}@{atomic._HOST}-abcd_123") == "final_merged"
+    actions = atomic.recover_all(tmp_path)
+    assert sum(action.startswith("restored") for action in actions) == 2
+    assert _tree(tmp_path) == {"final": None, "final/model": b"final", "final_merged": None,
+                               "final_merged/model": b"final_merged"}
+    assert atomic.interrupted_replacement(tmp_path / "final") is None
