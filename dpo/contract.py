@@ -11,11 +11,12 @@ is hashed, and the check training runs before it trusts the folder.
                                                   final/ ships)
 
 data_prep writes `prep_report.json` with `stamp_report`; training recomputes the same functions on what it loads and
-compares. Refused, each with one line naming the file and what to do: a data folder without `prep_report.json`
-(Arrow folders written by other means have no identity to check; write them with data_prep, or stamp them with
-`stamp_report`), a report without the hashes (an older data_prep), a split whose token columns differ from the
-report (changed after data_prep wrote it), a `tokenizer/` that is not the one the report names, a tokenizer with
-other tokens or special ids than the model's, and ids outside the model's embedding matrix. A chat template that
+compares. Refused, each with one line naming the file and what to do: an unreadable report, a split whose token
+columns differ from the report (changed after data_prep wrote it), a split the report does not list or a listed one
+that is gone, a `tokenizer/` that is not the one the report names, a tokenizer with other tokens or special ids than
+the model's, and ids outside the model's embedding matrix. A folder without a report, or with one from before these
+hashes (Arrow shards written by other means, an older data_prep), is said in the log and checked against the model
+only (tokenizer, ids); its hashes are computed here with the same functions. A chat template that
 differs from the model's is allowed (data_prep --chat_template gives one to a tokenizer without it) and said.
 The verified split hashes are the data's identity for the precomputed reference's fingerprint (dpo.reference).
 """
@@ -113,22 +114,29 @@ def stamp_report(report: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     return report
 
 
-def read_report(data_path: str | Path) -> dict[str, Any]:
-    """`data_path/prep_report.json`, refused unless it holds the hashes training checks."""
+def read_report(data_path: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """`data_path/prep_report.json` when it holds the hashes training checks; None, said in the log, when there is
+    no report or one from before those hashes (Arrow shards made another way, or by an older data_prep): such data
+    is still checked against the model, not against a report. An unreadable report is refused."""
     path = Path(data_path) / REPORT_NAME
     redo = f"prepare the data with `python -m data_prep --input ... --tokenizer MODEL --output {data_path}`"
+    unverified = ("the data is checked against the model (token ids, tokenizer) but cannot be verified against "
+                  f"what data_prep wrote; {redo} for a verified run")
     if not path.is_file():
-        raise UserError(f"{path}: missing, so nothing says what this data is (training verifies the data against "
-                        f"the report data_prep writes); {redo}")
+        log(f"[dpo] note: {path} is missing: {unverified}")
+        return None
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: unreadable ({' '.join(str(exc).split())[:120]}); {redo}") from None
     hashes = report.get("data_hashes") if isinstance(report, dict) else None
     tokenizer = report.get("tokenizer") if isinstance(report, dict) else None
+    if not isinstance(report, dict):
+        raise UserError(f"{path}: not a data_prep report (a JSON object); {redo}")
     if not isinstance(hashes, dict) or not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("hash"), str):
-        raise UserError(f"{path}: has no data_hashes and tokenizer hash (written by an older data_prep, or not by "
-                        f"data_prep); {redo}")
+        log(f"[dpo] note: {path} has no data_hashes and tokenizer hash (written by an older data_prep, or not by "
+            f"data_prep): {unverified}")
+        return None
     return report
 
 
@@ -137,11 +145,11 @@ def read_report(data_path: str | Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PreparedData:
-    """The prepared data as verified against its report."""
+    """The prepared data as verified against its report (when it has one)."""
 
     splits: dict[str, datasets.Dataset]  # the splits present ("train", and "eval" when there is one)
     hashes: dict[str, str]  # split -> split_sha256, equal to the report's
-    tokenizer_hash: str  # tokenizer_sha256 of data_path/tokenizer, equal to the report's
+    tokenizer_hash: str  # tokenizer_sha256 of data_path/tokenizer (equal to the report's), else the model's
     tokenizer: Any  # the tokenizer final/ ships: the model's own (with the data's template if it has none)
 
 
@@ -197,20 +205,23 @@ def verified_split_hashes(data_path: str | Path, report: dict[str, Any],
     return hashes
 
 
-def check_tokenizers(cfg: Any, report: dict[str, Any], *, log: Callable[[str], None]) -> tuple[str, Any]:
+def check_tokenizers(cfg: Any, report: dict[str, Any] | None, *, log: Callable[[str], None]) -> tuple[str, Any]:
     """(the data tokenizer's hash, the tokenizer final/ ships). The data's `tokenizer/` must be the one the report
-    names; it must define the same tokens and special ids as the model's (the chat template may differ)."""
+    names; it must define the same tokens and special ids as the model's (the chat template may differ). Without a
+    report (None) a data folder without `tokenizer/` is taken to use the model's tokenizer."""
     folder = Path(cfg.data_path) / TOKENIZER_DIR
     data_tok = load_tokenizer_from(folder, trust_remote_code=cfg.trust_remote_code)
+    model_tok = load_tokenizer_from(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
+    if data_tok is None and report is None and model_tok is not None:
+        return tokenizer_sha256(model_tok), model_tok
     if data_tok is None:
         raise UserError(f"{folder}: missing, but the data's ids mean something only with the tokenizer they were "
                         f"made with; prepare the data again")
     data_hash = tokenizer_sha256(data_tok)
-    if data_hash != report["tokenizer"]["hash"]:
+    if report is not None and data_hash != report["tokenizer"]["hash"]:
         raise UserError(f"{folder}: not the tokenizer {REPORT_NAME} names (sha256 {data_hash[:12]} vs "
                         f"{report['tokenizer']['hash'][:12]}): it changed after data_prep wrote it; prepare the "
                         f"data again")
-    model_tok = load_tokenizer_from(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
     if model_tok is None or tokenizer_sha256(model_tok) == data_hash:
         return data_hash, model_tok if model_tok is not None else data_tok
     fix = (f"prepare the data again with this model's tokenizer (python -m data_prep ... --tokenizer "
@@ -239,8 +250,11 @@ def check_data_contract(cfg: Any, splits: Mapping[str, datasets.Dataset | None],
     raise UserError naming the first problem. Every id must be a row of the embedding matrix (which may be larger
     than the tokenizer)."""
     present = {name: dataset for name, dataset in splits.items() if dataset is not None}
-    report = read_report(cfg.data_path)
-    hashes = verified_split_hashes(cfg.data_path, report, present)
+    report = read_report(cfg.data_path, log=log)
+    if report is None:  # nothing to verify against (said in the log): the same hash, computed here
+        hashes = {name: split_sha256(dataset) for name, dataset in present.items()}
+    else:
+        hashes = verified_split_hashes(cfg.data_path, report, present)
     tokenizer_hash, shipped = check_tokenizers(cfg, report, log=log)
     rows = embedding_rows(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
     for name, dataset in present.items():

@@ -18,7 +18,14 @@ import pytest
 from builders import make_model_dir, make_tokenizer, prepared, restamp
 from data_prep.prepare import main as prep_main
 from dpo.config import TrainConfig
-from dpo.contract import REPORT_NAME, TOKEN_COLUMNS, data_sha256, split_sha256, tokenizer_sha256
+from dpo.contract import (
+    REPORT_NAME,
+    TOKEN_COLUMNS,
+    check_data_contract,
+    data_sha256,
+    split_sha256,
+    tokenizer_sha256,
+)
 from dpo.data import load_split
 from dpo.train import main as train_main
 
@@ -125,21 +132,16 @@ def test_a_changed_chat_template_is_another_tokenizer(inputs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("no_report", f"{REPORT_NAME}: missing, so nothing says what this data is"),
-    ("old_report", "has no data_hashes and tokenizer hash (written by an older data_prep"),
     ("unreadable", f"{REPORT_NAME}: unreadable"),
+    ("not_an_object", f"{REPORT_NAME}: not a data_prep report"),
     ("extra_split", "eval: not in prep_report.json"),
     ("missing_split", "eval: missing, but prep_report.json lists it"),
-    ("no_tokenizer", "tokenizer: missing"),
 ])
 def test_data_that_the_report_does_not_describe_is_refused(inputs, tmp_path, capsys, case, expected):
     data = copy_data(inputs, tmp_path)
     report = report_of(data)
-    if case == "no_report":
-        (data / REPORT_NAME).unlink()
-    elif case == "old_report":
-        del report["data_hashes"]
-        (data / REPORT_NAME).write_text(json.dumps(report))
+    if case == "not_an_object":
+        (data / REPORT_NAME).write_text("[1, 2]")
     elif case == "unreadable":
         (data / REPORT_NAME).write_text("{not json")
     elif case == "extra_split":
@@ -147,9 +149,39 @@ def test_data_that_the_report_does_not_describe_is_refused(inputs, tmp_path, cap
         (data / REPORT_NAME).write_text(json.dumps(report))
     elif case == "missing_split":
         shutil.rmtree(data / "eval")
-    elif case == "no_tokenizer":
-        shutil.rmtree(data / "tokenizer")
     assert expected in train_error(inputs, data, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("case", ["no_report", "old_report", "no_report_no_tokenizer"])
+def test_data_without_a_report_is_checked_against_the_model_and_says_so(inputs, tmp_path, capsys, case):
+    """Arrow shards written by other means, or by a data_prep from before the hashes: trained on, with a note that
+    nothing verified them against a report; the hashes are the same functions' (precomputed fingerprints agree)."""
+    data = copy_data(inputs, tmp_path)
+    report = report_of(data)
+    if case == "old_report":
+        del report["data_hashes"]
+        (data / REPORT_NAME).write_text(json.dumps(report))
+    else:
+        (data / REPORT_NAME).unlink()
+    if case == "no_report_no_tokenizer":
+        shutil.rmtree(data / "tokenizer")
+    notes = []
+    checked = check_data_contract(config(inputs, data), {"train": load_split(data, "train"),
+                                                         "eval": load_split(data, "eval")}, log=notes.append)
+    assert checked.hashes == report_of(inputs["data"])["data_hashes"]
+    assert checked.tokenizer_hash == tokenizer_sha256(make_tokenizer())
+    assert len(notes) == 1 and "cannot be verified against what data_prep wrote" in notes[0], notes
+    assert ("is missing" if case != "old_report" else "has no data_hashes") in notes[0]
+    out = tmp_path / "out"
+    assert train_main(["--model_path", str(inputs["model"]), "--data_path", str(data), "--output_dir", str(out),
+                       *FAST]) == 0
+    assert "cannot be verified against what data_prep wrote" in capsys.readouterr().out
+
+
+def test_a_report_with_hashes_but_no_tokenizer_folder_is_refused(inputs, tmp_path, capsys):
+    data = copy_data(inputs, tmp_path)
+    shutil.rmtree(data / "tokenizer")
+    assert "tokenizer: missing" in train_error(inputs, data, tmp_path, capsys)
 
 
 def test_restamping_what_a_new_data_prep_run_would_write_is_accepted(inputs, tmp_path):
