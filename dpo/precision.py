@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import BitsAndBytesConfig
 
 from dpo.config import ConfigError, TrainConfig
 
@@ -60,8 +61,6 @@ def quantization_config(cfg: TrainConfig) -> Any:
     except ImportError as exc:
         raise ConfigError("load_in_4bit/load_in_8bit need bitsandbytes: pip install 'dpo-pipeline[qlora]' "
                           "(or pip install bitsandbytes)") from exc
-    from transformers import BitsAndBytesConfig
-
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
