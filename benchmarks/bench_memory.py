@@ -18,7 +18,8 @@ batch: every position for TRL, the scored answer positions for the dense head, o
 activations and the rest is the measured peak minus the process's baseline and those. `dense` rows force the LM
 head path this project used before `dpo/lm_head.py` (the model's own `[N, vocab]` logits), for a before/after;
 `ckpt-head` rows force the chunked head's general form (each chunk through autograd under `checkpoint`) that
-`dpo/lm_head.py` keeps for heads other than a plain `nn.Linear`.
+`dpo/lm_head.py` keeps for heads other than a plain `nn.Linear`; `glibc-heap` rows leave glibc's malloc as it is
+(`dpo/host_memory.py` is what dpo.train does first).
 
 --vocab-size, --hidden-size, --layers and --pair-tokens shrink the workload (tests/test_bench_memory.py runs a tiny
 one so this script cannot rot).
@@ -46,6 +47,7 @@ ROWS = {  # name: (engine, flags)
     "full@1k": ("dpo", {}),
     "full/dense@1k": ("dpo", {"dense": True}),
     "full/ckpt-head@1k": ("dpo", {"checkpointed_head": True}),
+    "full/glibc-heap@1k": ("dpo", {"glibc_heap": True}),
     "lora@1k": ("dpo", {"lora": True}),
     "lora/bf16@1k": ("dpo", {"lora": True, "torch_dtype": "bf16"}),
     "qlora/nf4@1k": ("dpo", {"lora": True, "torch_dtype": "bf16", "load_in_4bit": True}),
@@ -163,7 +165,8 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
 
         dpo.lm_head._plain_linear_head = lambda *a, **k: False
     baseline = rss_mb()
-    return_freed_memory()  # what dpo.train does first
+    if not flags.get("glibc_heap"):  # glibc_heap: leave glibc's own mmap threshold, for a before/after
+        return_freed_memory()  # what dpo.train does first
     cfg = TrainConfig(model_path=str(args.workdir / "model"), data_path=str(args.workdir),
                       lora=flags.get("lora", False), lora_dropout=0.0, torch_dtype=flags.get("torch_dtype", "auto"),
                       load_in_4bit=flags.get("load_in_4bit", False), batch_size=PAIRS_PER_BATCH[length],
