@@ -235,7 +235,8 @@ def run_trl(name: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
                        precompute_ref_log_probs=False)
     trainer = SameIds(model=policy, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(pairs),
                       processing_class=AutoTokenizer.from_pretrained(args.workdir / "model"))
-    weights, trainable, count = parameter_bytes(policy, ref)
+    weights, _, _ = parameter_bytes(policy, ref)
+    _, trainable, count = parameter_bytes(policy)  # TRL leaves requires_grad on its reference: it does not train
     vocabulary_weights = vocabulary_weight_bytes(policy, ref)
     after_load = rss_mb()
     start = time.perf_counter()
