@@ -10,12 +10,19 @@ peak is its own) for `--steps` optimizer steps (reference log-probs, policy forw
 (peak RSS, VmHWM) or a GPU (`max_memory_allocated`). Rows are ours (the trainer's own pieces: load_policy,
 build_reference, forward_and_loss) and TRL's (`DPOTrainer`, the same pairs as token ids, in the same order).
 
-The breakdown per row: weights (bytes of every parameter of policy and reference as loaded), optimizer state
+The breakdown per row: weights (bytes of every parameter of policy and reference as loaded; apart, those outside the
+embeddings and the LM head, which are what bitsandbytes quantises), optimizer state
 (AdamW's two fp32 moments per trainable parameter) and gradients (one per trainable parameter, in its dtype) are
 counted; logits is the largest `[positions, vocab]` fp32 tensor the row's LM head path creates (counted from the
 batch: every position for TRL, the scored answer positions for the dense head, one chunk for the chunked head);
 activations and the rest is the measured peak minus the process's baseline and those. `dense` rows force the LM
-head path this project used before `dpo/lm_head.py` (the model's own `[N, vocab]` logits), for a before/after.
+head path this project used before `dpo/lm_head.py` (the model's own `[N, vocab]` logits), for a before/after;
+`ckpt-head` rows force the chunked head's general form (each chunk through autograd under `checkpoint`) that
+`dpo/lm_head.py` keeps for heads other than a plain `nn.Linear`; `glibc-heap` rows leave glibc's malloc as it is
+(`dpo/host_memory.py` is what dpo.train does first).
+
+--vocab-size, --hidden-size, --layers and --pair-tokens shrink the workload (tests/test_bench_memory.py runs a tiny
+one so this script cannot rot).
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ import torch
 
 SHAPE = {"vocab_size": 151_936, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 1024}
-TOKENS_PER_PAIR = {"1k": (768, 256), "4k": (3072, 1024)}  # (prompt, each answer)
+TOKENS_PER_PAIR = {"1k": (768, 256), "4k": (3072, 1024)}  # (prompt, each answer); 4k is 4 x 1k
 PAIRS_PER_BATCH = {"1k": 4, "4k": 1}  # fixed tokens per batch: 4 x 1,280 vs 1 x 5,120
 ROWS = {  # name: (engine, flags)
     "trl/full@1k": ("trl", {}),
     "full@1k": ("dpo", {}),
     "full/dense@1k": ("dpo", {"dense": True}),
+    "full/ckpt-head@1k": ("dpo", {"checkpointed_head": True}),
+    "full/glibc-heap@1k": ("dpo", {"glibc_heap": True}),
     "lora@1k": ("dpo", {"lora": True}),
     "lora/bf16@1k": ("dpo", {"lora": True, "torch_dtype": "bf16"}),
     "qlora/nf4@1k": ("dpo", {"lora": True, "torch_dtype": "bf16", "load_in_4bit": True}),
@@ -48,7 +57,20 @@ ROWS = {  # name: (engine, flags)
 DEFAULT_ROWS = "trl/full@1k,full@1k,full/dense@1k,lora@1k,lora/bf16@1k,qlora/nf4@1k,full@4k"
 
 
-def build_workload(workdir: Path, *, steps: int, seed: int) -> dict[str, Any]:
+def shape_of(args: argparse.Namespace) -> dict[str, int]:
+    """The model shape: SHAPE with the command line's --vocab-size/--hidden-size/--layers."""
+    return {**SHAPE, "vocab_size": args.vocab_size, "hidden_size": args.hidden_size,
+            "num_hidden_layers": args.layers, "intermediate_size": 4 * args.hidden_size}
+
+
+def tokens_per_pair(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """(prompt, each answer) tokens of the 1k pairs (--pair-tokens) and of the 4k pairs (four times those)."""
+    prompt, answer = args.pair_tokens
+    return {"1k": (prompt, answer), "4k": (4 * prompt, 4 * answer)}
+
+
+def build_workload(workdir: Path, *, shape: dict[str, int], lengths: dict[str, tuple[int, int]], steps: int,
+                   seed: int) -> dict[str, Any]:
     """The model folder and the pairs of both lengths (kept when already built with the same settings)."""
     import random
 
@@ -56,12 +78,14 @@ def build_workload(workdir: Path, *, steps: int, seed: int) -> dict[str, Any]:
 
     from demo.tiny import build_tokenizer
 
-    key = {"shape": SHAPE, "steps": steps, "seed": seed}
+    key = {"shape": shape, "steps": steps, "seed": seed}
+    if lengths != TOKENS_PER_PAIR:
+        key["tokens_per_pair"] = {k: list(v) for k, v in lengths.items()}
     meta_path = workdir / "workload.json"
     if meta_path.is_file() and json.loads(meta_path.read_text())["key"] == key:
         return json.loads(meta_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
-    config = Qwen2Config(**SHAPE, tie_word_embeddings=False, max_position_embeddings=8192, pad_token_id=0,
+    config = Qwen2Config(**shape, tie_word_embeddings=False, max_position_embeddings=8192, pad_token_id=0,
                          bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
@@ -70,9 +94,9 @@ def build_workload(workdir: Path, *, steps: int, seed: int) -> dict[str, Any]:
     build_tokenizer(["a b c"] * 4, vocab_size=300).save_pretrained(workdir / "model")
     rng = random.Random(seed)
     pairs = {}
-    for length, (prompt, answer) in TOKENS_PER_PAIR.items():
+    for length, (prompt, answer) in lengths.items():
         count = PAIRS_PER_BATCH[length] * steps
-        pairs[length] = [{name: [rng.randrange(3, SHAPE["vocab_size"]) for _ in range(n)]
+        pairs[length] = [{name: [rng.randrange(3, shape["vocab_size"]) for _ in range(n)]
                           for name, n in (("prompt_ids", prompt), ("chosen_ids", answer), ("rejected_ids", answer))}
                          for _ in range(count)]
     (workdir / "pairs.json").write_text(json.dumps(pairs))
@@ -99,6 +123,16 @@ def useful_tokens(pairs: list[dict[str, list[int]]]) -> int:
     return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
 
 
+def vocabulary_weight_bytes(*models: torch.nn.Module) -> int:
+    """Bytes of the input and output embeddings (distinct tensors): what bitsandbytes leaves unquantised."""
+    seen: dict[int, torch.nn.Parameter] = {}
+    for model in models:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            for p in module.parameters():
+                seen[id(p)] = p
+    return sum(p.numel() * p.element_size() for p in seen.values())
+
+
 def parameter_bytes(*models: torch.nn.Module) -> tuple[int, int, int]:
     """(all weights, trainable weights, trainable parameter count) in bytes over distinct parameters."""
     seen: dict[int, torch.nn.Parameter] = {}
@@ -114,6 +148,7 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     from accelerate import Accelerator
 
     from dpo.config import TrainConfig
+    from dpo.host_memory import return_freed_memory
     from dpo.layouts import PACKED_SHARED, make_collate
     from dpo.masks import attention_spec
     from dpo.models import load_policy
@@ -125,7 +160,13 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
         import dpo.logprobs
 
         dpo.logprobs.chunked_head_logps = lambda *a, **k: None
+    if flags.get("checkpointed_head"):  # the chunked head through autograd and `checkpoint`, for every head
+        import dpo.lm_head
+
+        dpo.lm_head._plain_linear_head = lambda *a, **k: False
     baseline = rss_mb()
+    if not flags.get("glibc_heap"):  # glibc_heap: leave glibc's own mmap threshold, for a before/after
+        return_freed_memory()  # what dpo.train does first
     cfg = TrainConfig(model_path=str(args.workdir / "model"), data_path=str(args.workdir),
                       lora=flags.get("lora", False), lora_dropout=0.0, torch_dtype=flags.get("torch_dtype", "auto"),
                       load_in_4bit=flags.get("load_in_4bit", False), batch_size=PAIRS_PER_BATCH[length],
@@ -137,7 +178,9 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     unwrapped = accelerator.unwrap_model(policy)
     reference = build_reference("adapters_disabled" if cfg.lora else "model", cfg, accelerator, policy=policy,
                                 unwrapped_policy=unwrapped)
-    weights, trainable, _ = parameter_bytes(unwrapped, *([reference.model] if reference.model is not None else []))
+    models = [unwrapped, *([reference.model] if reference.model is not None else [])]
+    weights, trainable, _ = parameter_bytes(*models)
+    vocabulary_weights = vocabulary_weight_bytes(*models)
     after_load = rss_mb()
     pairs = json.loads((args.workdir / "pairs.json").read_text())[length]
     # The layout the trainer's probe picks for this Qwen2-shaped model (tests/test_architectures.py).
@@ -154,10 +197,11 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     useful = useful_tokens(pairs[:cfg.batch_size])
-    logits_rows = scored if flags.get("dense") else min(scored, args.chunk_size)
-    return {"weights_mb": weights / 2**20, "gradients_mb": trainable / 2**20,
-            "optimizer_mb": 2 * 4 * sum(p.numel() for p in unwrapped.parameters() if p.requires_grad) / 2**20,
-            "logits_mb": logits_rows * SHAPE["vocab_size"] * 4 / 2**20, "baseline_mb": baseline,
+    logits_rows = scored if flags.get("dense") else min(scored, args.chunk_size)  # the one [rows, V] fp32 tensor
+    trainable_count = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    return {"weights_mb": weights / 2**20, "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
+            "gradients_mb": trainable / 2**20, "optimizer_mb": 2 * 4 * trainable_count / 2**20,
+            "logits_mb": logits_rows * args.vocab_size * 4 / 2**20, "baseline_mb": baseline,
             "after_load_mb": after_load, "step_s": times, "useful_tokens_per_s": useful / min(times)}
 
 
@@ -192,15 +236,18 @@ def run_trl(name: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
                        precompute_ref_log_probs=False)
     trainer = SameIds(model=policy, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(pairs),
                       processing_class=AutoTokenizer.from_pretrained(args.workdir / "model"))
-    weights, trainable, count = parameter_bytes(policy, ref)
+    weights, _, _ = parameter_bytes(policy, ref)
+    _, trainable, count = parameter_bytes(policy)  # TRL leaves requires_grad on its reference: it does not train
+    vocabulary_weights = vocabulary_weight_bytes(policy, ref)
     after_load = rss_mb()
     start = time.perf_counter()
     trainer.train()
     elapsed = (time.perf_counter() - start) / args.steps
     positions = 2 * batch_size * (len(pairs[0]["prompt_ids"]) + len(pairs[0]["chosen_ids"]))
     useful = useful_tokens(pairs[:batch_size])
-    return {"weights_mb": weights / 2**20, "gradients_mb": trainable / 2**20, "optimizer_mb": 8 * count / 2**20,
-            "logits_mb": positions * SHAPE["vocab_size"] * 4 / 2**20, "baseline_mb": baseline,
+    return {"weights_mb": weights / 2**20, "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
+            "gradients_mb": trainable / 2**20, "optimizer_mb": 8 * count / 2**20,
+            "logits_mb": positions * args.vocab_size * 4 / 2**20, "baseline_mb": baseline,
             "after_load_mb": after_load, "step_s": [elapsed], "useful_tokens_per_s": useful / elapsed}
 
 
@@ -215,17 +262,17 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    head = (f"{'row':<16} {'peak MB':>8} {'vs TRL':>7} {'weights':>8} {'grads':>7} {'optim':>7} {'logits':>7} "
-            f"{'activ+rest':>10} {'tok/s':>6}")
+    head = (f"{'row':<18} {'peak MB':>8} {'vs TRL':>7} {'weights':>8} {'w/o emb':>7} {'grads':>7} {'optim':>7} "
+            f"{'logits':>7} {'activ+rest':>10} {'tok/s':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['name']:<16} failed: {r['error'].strip().splitlines()[-1][:90]}")
+            lines.append(f"{r['name']:<18} failed: {r['error'].strip().splitlines()[-1][:90]}")
             continue
         vs = f"{r['vs_trl']:.2f}x" if "vs_trl" in r else "-"
-        lines.append(f"{r['name']:<16} {r['peak_mb']:>8.0f} {vs:>7} {r['weights_mb']:>8.0f} {r['gradients_mb']:>7.0f} "
-                     f"{r['optimizer_mb']:>7.0f} {r['logits_mb']:>7.0f} {r['activations_and_rest_mb']:>10.0f} "
-                     f"{r['useful_tokens_per_s']:>6.0f}")
+        lines.append(f"{r['name']:<18} {r['peak_mb']:>8.0f} {vs:>7} {r['weights_mb']:>8.0f} "
+                     f"{r['weights_outside_embeddings_mb']:>7.1f} {r['gradients_mb']:>7.0f} {r['optimizer_mb']:>7.0f} "
+                     f"{r['logits_mb']:>7.0f} {r['activations_and_rest_mb']:>10.0f} {r['useful_tokens_per_s']:>6.0f}")
     return "\n".join(lines)
 
 
@@ -240,8 +287,8 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any], results: list[d
         if trl is not None and "error" not in r and not r["name"].startswith("trl/"):
             r["vs_trl"] = r["peak_mb"] / trl["peak_mb"]
     report = {"command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "hardware": hardware(), "shape": SHAPE, "parameters": meta["parameters"],
-              "tokens_per_pair": TOKENS_PER_PAIR, "pairs_per_batch": PAIRS_PER_BATCH, "rows": results}
+              "hardware": hardware(), "shape": shape_of(args), "parameters": meta["parameters"],
+              "tokens_per_pair": tokens_per_pair(args), "pairs_per_batch": PAIRS_PER_BATCH, "rows": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
@@ -255,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=None, help="logits_chunk_size of our rows (default: the "
                         "trainer's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=SHAPE["vocab_size"], help="vocabulary of the model")
+    parser.add_argument("--hidden-size", type=int, default=SHAPE["hidden_size"], help="hidden size (MLP: 4x)")
+    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="decoder layers")
+    parser.add_argument("--pair-tokens", type=lambda v: tuple(int(x) for x in v.split(",")),
+                        default=TOKENS_PER_PAIR["1k"], help="PROMPT,ANSWER tokens of a 1k pair (4k pairs: 4x)")
     parser.add_argument("--workdir", type=Path, default=Path("bench_results/memory_workload"))
     parser.add_argument("--output", type=Path, default=Path("bench_results/bench_memory.json"))
     parser.add_argument("--_row", default=None, help=argparse.SUPPRESS)
@@ -275,13 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench_memory: unknown rows {unknown}; choose from {', '.join(ROWS)}", file=sys.stderr)
         return 2
-    meta = build_workload(args.workdir, steps=args.steps, seed=args.seed)
-    print(f"[bench_memory] {meta['parameters'] / 1e6:.1f}M parameters, vocabulary {SHAPE['vocab_size']:,}",
+    meta = build_workload(args.workdir, shape=shape_of(args), lengths=tokens_per_pair(args), steps=args.steps,
+                          seed=args.seed)
+    print(f"[bench_memory] {meta['parameters'] / 1e6:.1f}M parameters, vocabulary {args.vocab_size:,}",
           flush=True)
     results: list[dict[str, Any]] = []
     for name in names:
         cmd = [sys.executable, __file__, "--_row", name, "--steps", str(args.steps), "--chunk-size",
-               str(args.chunk_size), "--seed", str(args.seed), "--workdir", str(args.workdir)]
+               str(args.chunk_size), "--seed", str(args.seed), "--workdir", str(args.workdir), "--vocab-size",
+               str(args.vocab_size), "--hidden-size", str(args.hidden_size), "--layers", str(args.layers),
+               "--pair-tokens", ",".join(map(str, args.pair_tokens))]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = proc.stdout.strip().splitlines()
         try:

@@ -8,9 +8,12 @@ pre-hook on its output embedding: the hook keeps the head's input, the final hid
 `log p(label) = logit[label] - logsumexp(logits)` is taken `chunk_size` rows at a time by calling the head module
 itself - so a bias, tied embeddings, LoRA on the head, a quantised head and the autocast dtype the model's forward
 ran under all apply as they do inside the model - followed by what the model does to logits after its head
-(`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`). With gradients, every chunk is
-checkpointed: backward recomputes its `[chunk, V]` logits rather than keeping them, so the extra memory of forward
-and backward is O(chunk x V) instead of O(N x V).
+(`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`). With gradients, backward
+recomputes each chunk's `[chunk, V]` logits rather than keeping them, so the extra memory of forward and backward is
+O(chunk x V) instead of O(N x V). A plain `nn.Linear` head outside autocast (the usual case) is one autograd node
+(`_LinearHeadLogps`): one `[chunk, V]` buffer at a time and the weight's gradient accumulated in place. Any other
+head (LoRA on it, quantised, under autocast) runs each chunk through autograd under `checkpoint`, which holds a
+chunk's logits, their gradient and a `[V, H]` weight-gradient temporary per chunk at once.
 
 A head this cannot reproduce is detected, not assumed: once per model, a probe of a few tokens compares these
 logits with the model's own; on a mismatch (or under ZeRO-3, where the head weight is partitioned) this returns
@@ -49,6 +52,73 @@ class _LabelLogp(torch.autograd.Function):
         return out.to(logits.dtype), None
 
 
+class _LinearHeadLogps(torch.autograd.Function):
+    """The whole head of a plain `nn.Linear` in one autograd node: hidden [N, H], weight [V, H], bias [V] or None,
+    labels [N] -> log softmax(transform(hidden W^T + b))[label] [N] fp32, `chunk_size` rows at a time in forward
+    and in backward. Backward recomputes each chunk's logits, turns them into their gradient in place, and adds
+    that chunk's share into one weight-gradient buffer (`addmm_`), so its extra memory is one [chunk, V] buffer
+    and the [V, H] gradient itself - not a [V, H] temporary per chunk plus a chunk's logits, their gradient and
+    the checkpoint's copies, as autograd through `checkpoint` needs."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, chunk_size: int, transform: Callable[[torch.Tensor], torch.Tensor] | None
+                ) -> torch.Tensor:
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = torch.nn.functional.linear(hidden[rows], weight, bias)
+            if transform is not None:
+                logits = transform(logits)
+            logits = logits.float()  # a fresh tensor: the logsumexp below works in its buffer
+            picked = logits.gather(-1, labels[rows, None]).squeeze(-1)
+            top = logits.amax(dim=-1, keepdim=True)
+            lse[rows] = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
+            out[rows] = picked - lse[rows]
+            del logits  # before the next chunk's logits exist: one [chunk, V] buffer at a time
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk_size, ctx.transform = chunk_size, transform
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h, g = hidden[rows], grad[rows, None]
+            with torch.no_grad():
+                z = torch.nn.functional.linear(h, weight, bias)
+            if ctx.transform is None:  # d/dz of z[label] - lse(z), built in z's own buffer
+                dz = z.float().sub_(lse[rows, None]).exp_().mul_(-g).scatter_add_(-1, labels[rows, None], g)
+            else:  # through the transform (softcapping, scales) by autograd, one chunk at a time
+                with torch.enable_grad():
+                    z.requires_grad_(True)
+                    picked = _LabelLogp.apply(ctx.transform(z), labels[rows])
+                    (dz,) = torch.autograd.grad(picked, z, g.squeeze(-1))
+            dz = dz.to(weight.dtype)
+            if grad_hidden is not None:
+                torch.mm(dz, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(dz.t(), h)
+            if grad_bias is not None:
+                grad_bias += dz.sum(0)
+            del z, dz  # before the next chunk's logits exist
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _plain_linear_head(head: torch.nn.Module, hidden: torch.Tensor, autocast: dict[str, Any]) -> bool:
+    """Whether `head(hidden)` is exactly `F.linear(hidden, head.weight, head.bias)`: an `nn.Linear` itself (not a
+    subclass: LoRA, quantised and DeepSpeed layers are), without hooks, outside autocast, in the weight's dtype."""
+    return (type(head) is torch.nn.Linear and not autocast["enabled"] and hidden.dtype == head.weight.dtype
+            and not (head._forward_hooks or head._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks
+                     or torch.nn.modules.module._global_forward_pre_hooks))
+
+
 def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """What the model's forward does to the head's output before returning logits (identity for most models)."""
     config = getattr(model, "config", None)
@@ -66,6 +136,14 @@ def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
         return logits
 
     return transform
+
+
+def _is_identity(model: torch.nn.Module) -> bool:
+    """Whether `logit_transform(model)` leaves logits as they are."""
+    config = getattr(model, "config", None)
+    return not (isinstance(getattr(model, "logit_scale", None), (int, float))
+                or isinstance(getattr(config, "logits_scaling", None), (int, float))
+                or getattr(config, "final_logit_softcapping", None) is not None)
 
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -149,6 +227,10 @@ def chunked_head_logps(model: torch.nn.Module, inputs: dict[str, Any], keep: tor
         with torch.autocast(**seen["autocast"]):
             logits = transform(head(h))
         return _LabelLogp.apply(logits, y)
+
+    if _plain_linear_head(head, hidden, seen["autocast"]):
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, labels, chunk_size,
+                                      None if _is_identity(lm) else transform)
 
     out = []
     for start in range(0, hidden.shape[0], chunk_size):

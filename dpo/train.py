@@ -37,6 +37,7 @@ from dpo.data import (
 from dpo.distributed import build_accelerator
 from dpo.errors import TrainingDiverged, UserError, run_cli
 from dpo.guard import DivergenceGuard
+from dpo.host_memory import return_freed_memory
 from dpo.layouts import choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
@@ -169,6 +170,7 @@ def validate_startup(cfg: TrainConfig, log: Any) -> Path | None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow, read top to bottom
+    return_freed_memory()  # peak RSS follows live tensors (dpo/host_memory.py)
     # ---- accelerator, seed, output dir
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision,
                                     gradient_accumulation_steps=cfg.gradient_accumulation_steps,

@@ -234,3 +234,82 @@ def test_no_scored_positions_by_vocab_tensor_in_forward_or_backward(chunked: boo
     with LargestLogits(hidden=32) as seen:
         logps_and_grads(model, batch, chunked=chunked, chunk_size=4)
     assert seen.rows == (4 if chunked else n)
+
+
+def head_path(model, batch, *, chunk_size: int = 4) -> str:
+    """The name of the autograd node the chunked head's log-probs come from."""
+    keep = batch.target_seq >= 0
+    logps = chunked_head_logps(model, inputs_of(batch), keep, batch.target_ids[keep], chunk_size=chunk_size)
+    return type(logps.grad_fn).__name__
+
+
+def test_a_plain_linear_head_is_one_node_and_others_go_through_checkpoint() -> None:
+    """nn.Linear heads (with or without a transform after them) take `_LinearHeadLogps`; a LoRA head and autocast
+    take the per-chunk checkpointed form (the tests above check both against the dense path)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    batch = batch_of("packed")
+    for family in ("llama", "phi", "gemma2"):
+        assert head_path(build(family), batch) == "_LinearHeadLogpsBackward", family
+    lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert head_path(lora, batch) == "CatBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head_path(build("llama"), batch) == "CatBackward0"
+
+
+@pytest.mark.parametrize("family", ["llama", "phi", "gemma2"])
+def test_the_checkpointed_form_equals_the_dense_path_too(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The general form, forced on heads the single node would take, against the same oracle."""
+    import dpo.lm_head
+
+    monkeypatch.setattr(dpo.lm_head, "_plain_linear_head", lambda *a, **k: False)
+    torch.manual_seed(0)
+    model = build(family)
+    batch = batch_of("padded")
+    assert head_path(model, batch) == "CatBackward0"
+    assert_same(model, batch)
+
+
+class NewVocabByHidden(TorchDispatchMode):
+    """Records the ops that create a new [V, H] tensor (a weight-gradient buffer or temporary): an output of that
+    shape in storage none of the op's inputs has (views and in-place results are not new)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape, self.ops = shape, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("single_node", [True, False])
+def test_backward_makes_one_head_gradient_not_one_per_chunk(single_node: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle for the weight gradient's memory: the single node accumulates every chunk into one [V, H] buffer,
+    which becomes the head's `.grad` as it is (the embedding's gradient is the only other new [V, H] tensor);
+    through `checkpoint`, each chunk's weight gradient is a new [V, H] tensor and so is each partial sum."""
+    import dpo.lm_head
+
+    if not single_node:
+        monkeypatch.setattr(dpo.lm_head, "_plain_linear_head", lambda *a, **k: False)
+    torch.manual_seed(0)
+    model = build("llama")
+    batch = batch_of("padded")
+    keep = batch.target_seq >= 0
+    chunks = -(-int(keep.sum()) // 4)
+    assert chunks >= 4
+    logps = chunked_head_logps(model, inputs_of(batch), keep, batch.target_ids[keep], chunk_size=4)
+    with NewVocabByHidden((VOCAB, 32)) as seen:
+        logps.sum().backward()
+    if single_node:
+        assert sorted(seen.ops) == ["embedding_dense_backward", "zeros_like"]
+    else:
+        assert sorted(seen.ops) == ["add"] * (chunks - 1) + ["embedding_dense_backward"] + ["mm"] * chunks

@@ -116,6 +116,42 @@ def test_precomputed_reference_from_another_dtype_is_refused(inputs, tmp_path):
         check_precomputed(qlora, prepared(qlora), "train")
 
 
+def train_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """`python -m dpo.train ARGS` in-process: its exit status and its stderr lines."""
+    from accelerate.state import AcceleratorState
+
+    from dpo.train import main
+
+    try:
+        code = main(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_refusals_at_the_command_line_are_one_line_and_exit_2(inputs, tmp_path, capsys):
+    """Full fine-tuning of 4-bit weights, and a precomputed reference from fp32 weights under an NF4 run: exit 2,
+    one line naming the option and the fix, nothing written."""
+    import shutil
+
+    from dpo.precompute_ref import precompute
+
+    out = tmp_path / "out"
+    base = ["--model_path", inputs["model"], "--output_dir", str(out), "--max_steps", "1"]
+    code, err = train_cli([*base, "--data_path", inputs["data"], "--load_in_4bit"], capsys)
+    assert (code, len(err)) == (2, 1), err
+    assert err[0].startswith("dpo.train: config error: load_in_4bit:") and "add --lora" in err[0]
+    data = tmp_path / "data"
+    shutil.copytree(inputs["data"], data)
+    precompute(config(inputs, data_path=str(data)), ["train", "eval"])  # fp32 reference values
+    capsys.readouterr()
+    code, err = train_cli([*base, "--data_path", str(data), "--lora", "--load_in_4bit", "--reference",
+                           "precomputed"], capsys)
+    assert (code, len(err)) == (2, 1), err
+    assert "weights dtype: precomputed with 'float32', this run has 'nf4/float32'" in err[0]
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------------- QLoRA
 
 
@@ -216,15 +252,23 @@ def test_8bit_base_trains_lora(inputs):
 
 
 @pytest.mark.distributed
-def test_4bit_under_zero3_is_refused_with_a_config_error(inputs, tmp_path):
-    """A real ZeRO-3 launch (one process) with --load_in_4bit stops before loading any model, naming the fix."""
+@pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
+def test_quantised_weights_under_zero3_are_refused_with_one_line(inputs, tmp_path, flag):
+    """A real ZeRO-3 launch (one process) through the project's launcher (`./launch.sh train` runs it) with a
+    quantised base: exit 2 and one line naming the option and the fix, no traceback, before any model loads."""
     import subprocess
 
     from tests.test_distributed import REPO, free_port, launch_cmd, launch_env
 
     cmd = launch_cmd("zero3", ["--model_path", inputs["model"], "--data_path", inputs["data"], "--output_dir",
-                               str(tmp_path / "out"), "--lora", "--load_in_4bit", "--max_steps", "1"],
+                               str(tmp_path / "out"), "--lora", flag, "--max_steps", "1"],
                      num_processes=1, port=free_port())
+    cmd[cmd.index("accelerate.commands.launch")] = "dpo.launch"
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "ZeRO-3 cannot partition bitsandbytes-quantised weights" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"dpo.train: config error: {flag[2:]}: DeepSpeed ZeRO-3 cannot partition "
+                                f"bitsandbytes-quantised weights"), errors
+    assert not (tmp_path / "out").exists()
