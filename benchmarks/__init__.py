@@ -5,7 +5,7 @@
     python -m benchmarks.bench_prep [...]        data-prep pairs/s per core
     python -m benchmarks.bench_probe [...]       one-time cost of the layout probe
     python -m benchmarks.bench_demo [...]        ./launch.sh demo end to end
-    PYTHONPATH=$PWD python benchmarks/bench_memory.py [...]   peak memory at a real vocabulary, against TRL
+    python -m benchmarks.bench_memory [...]      peak memory at a real vocabulary, against TRL
 
 measure.py holds what several of them measure with: peak memory, matmul ceilings, the hardware record.
 """

@@ -1,6 +1,6 @@
 """Peak memory of training at a real vocabulary, against TRL's DPOTrainer on the same token ids (a benchmark).
 
-    PYTHONPATH=$PWD python benchmarks/bench_memory.py [--rows trl/full@1k,full@1k,...] [--steps 2] \
+    python -m benchmarks.bench_memory [--rows trl/full@1k,full@1k,...] [--steps 2] \
         [--output bench_results/bench_memory.json]
 
 The workload: a Qwen2-shaped model built from a config (vocabulary 151,936, hidden 256, 4 layers, untied head),
@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"vocab_size": 151_936, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 1024}
 TOKENS_PER_PAIR = {"1k": (768, 256), "4k": (3072, 1024)}  # (prompt, each answer); 4k is 4 x 1k
@@ -286,7 +287,7 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any], results: list[d
                     and t["name"].endswith(r["name"].rsplit("@", 1)[1])), None)
         if trl is not None and "error" not in r and not r["name"].startswith("trl/"):
             r["vs_trl"] = r["peak_mb"] / trl["peak_mb"]
-    report = {"command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": "python -m benchmarks.bench_memory " + " ".join(sys.argv[1:] if argv is None else argv),
               "hardware": hardware(), "shape": shape_of(args), "parameters": meta["parameters"],
               "tokens_per_pair": tokens_per_pair(args), "pairs_per_batch": PAIRS_PER_BATCH, "rows": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +297,7 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any], results: list[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/bench_memory.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of: {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per row")
     parser.add_argument("--chunk-size", type=int, default=None, help="logits_chunk_size of our rows (default: the "
@@ -333,11 +334,13 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     results: list[dict[str, Any]] = []
     for name in names:
-        cmd = [sys.executable, __file__, "--_row", name, "--steps", str(args.steps), "--chunk-size",
-               str(args.chunk_size), "--seed", str(args.seed), "--workdir", str(args.workdir), "--vocab-size",
-               str(args.vocab_size), "--hidden-size", str(args.hidden_size), "--layers", str(args.layers),
-               "--pair-tokens", ",".join(map(str, args.pair_tokens))]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--_row", name, "--steps", str(args.steps),
+               "--chunk-size", str(args.chunk_size), "--seed", str(args.seed), "--workdir", str(args.workdir),
+               "--vocab-size", str(args.vocab_size), "--hidden-size", str(args.hidden_size),
+               "--layers", str(args.layers), "--pair-tokens", ",".join(map(str, args.pair_tokens))]
+        # The row runs from any directory: the repo root goes first on its PYTHONPATH (benchmarks/ is not installed).
+        pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
         lines = proc.stdout.strip().splitlines()
         try:
             result = {"name": name, **json.loads(lines[-1])} if proc.returncode == 0 else None

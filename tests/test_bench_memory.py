@@ -24,7 +24,7 @@ def run_bench(tmp_path: Path, rows: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     output = tmp_path / "bench_memory.json"
-    cmd = [sys.executable, "benchmarks/bench_memory.py", "--rows", rows, *TINY, "--workdir", str(tmp_path / "work"),
+    cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--rows", rows, *TINY, "--workdir", str(tmp_path / "work"),
            "--output", str(output)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
