@@ -183,6 +183,12 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     weights, trainable, _ = parameter_bytes(*models)
     vocabulary_weights = vocabulary_weight_bytes(*models)
     after_load = rss_mb()
+    trainable_count = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    loaded = {"weights_mb": weights / 2**20, "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
+              "gradients_mb": trainable / 2**20, "optimizer_mb": 2 * 4 * trainable_count / 2**20,
+              "baseline_mb": baseline, "after_load_mb": after_load}
+    if args.steps == 0:  # weights as loaded only: what 16-bit and 4-bit loading save, at any model shape
+        return {**loaded, "logits_mb": 0.0, "step_s": [], "useful_tokens_per_s": None}
     pairs = json.loads((args.workdir / "pairs.json").read_text())[length]
     # The layout the trainer's probe picks for this Qwen2-shaped model (tests/test_architectures.py).
     collate = make_collate(PACKED_SHARED, pad_token_id=0, max_tokens_per_row=cfg.max_tokens_per_row,
@@ -199,11 +205,8 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
         times.append(time.perf_counter() - start)
     useful = useful_tokens(pairs[:cfg.batch_size])
     logits_rows = scored if flags.get("dense") else min(scored, args.chunk_size)  # the one [rows, V] fp32 tensor
-    trainable_count = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    return {"weights_mb": weights / 2**20, "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
-            "gradients_mb": trainable / 2**20, "optimizer_mb": 2 * 4 * trainable_count / 2**20,
-            "logits_mb": logits_rows * args.vocab_size * 4 / 2**20, "baseline_mb": baseline,
-            "after_load_mb": after_load, "step_s": times, "useful_tokens_per_s": useful / min(times)}
+    return {**loaded, "logits_mb": logits_rows * args.vocab_size * 4 / 2**20, "step_s": times,
+            "useful_tokens_per_s": useful / min(times)}
 
 
 def run_trl(name: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -257,7 +260,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = run_trl(name, args, device) if engine == "trl" else run_dpo(name, flags, args, device)
     result["peak_mb"] = peak_mb(device)
-    result["activations_and_rest_mb"] = result["peak_mb"] - result["baseline_mb"] - sum(
+    result["activations_and_rest_mb"] = None if args.steps == 0 else result["peak_mb"] - result["baseline_mb"] - sum(
         result[k] for k in ("weights_mb", "gradients_mb", "optimizer_mb", "logits_mb"))
     return result
 
@@ -271,9 +274,11 @@ def format_table(results: list[dict[str, Any]]) -> str:
             lines.append(f"{r['name']:<18} failed: {r['error'].strip().splitlines()[-1][:90]}")
             continue
         vs = f"{r['vs_trl']:.2f}x" if "vs_trl" in r else "-"
+        rest = "-" if r["activations_and_rest_mb"] is None else f"{r['activations_and_rest_mb']:.0f}"
+        speed = "-" if r["useful_tokens_per_s"] is None else f"{r['useful_tokens_per_s']:.0f}"
         lines.append(f"{r['name']:<18} {r['peak_mb']:>8.0f} {vs:>7} {r['weights_mb']:>8.0f} "
                      f"{r['weights_outside_embeddings_mb']:>7.1f} {r['gradients_mb']:>7.0f} {r['optimizer_mb']:>7.0f} "
-                     f"{r['logits_mb']:>7.0f} {r['activations_and_rest_mb']:>10.0f} {r['useful_tokens_per_s']:>6.0f}")
+                     f"{r['logits_mb']:>7.0f} {rest:>10} {speed:>6}")
     return "\n".join(lines)
 
 
@@ -299,7 +304,8 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any], results: list[d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of: {', '.join(ROWS)}")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per row")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per row (0: our rows load the "
+                        "weights and stop - the weights memory of each loading mode, at any --hidden-size)")
     parser.add_argument("--chunk-size", type=int, default=None, help="logits_chunk_size of our rows (default: the "
                         "trainer's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -327,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         print(f"bench_memory: unknown rows {unknown}; choose from {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    if args.steps < 0 or (args.steps == 0 and any(ROWS[n][0] == "trl" for n in names)):
+        print("bench_memory: --steps must be >= 1 (0, weights only, is for our rows, not TRL's)", file=sys.stderr)
         return 2
     meta = build_workload(args.workdir, shape=shape_of(args), lengths=tokens_per_pair(args), steps=args.steps,
                           seed=args.seed)

@@ -20,12 +20,12 @@ FIELDS = {"name", "peak_mb", "baseline_mb", "after_load_mb", "weights_mb", "weig
 PARTS = ("baseline_mb", "weights_mb", "gradients_mb", "optimizer_mb", "logits_mb", "activations_and_rest_mb")
 
 
-def run_bench(tmp_path: Path, rows: str) -> dict:
+def run_bench(tmp_path: Path, rows: str, *extra: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     output = tmp_path / "bench_memory.json"
-    cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--rows", rows, *TINY, "--workdir", str(tmp_path / "work"),
-           "--output", str(output)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--rows", rows, *TINY, *extra,
+           "--workdir", str(tmp_path / "work"), "--output", str(output)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "peak MB" in proc.stdout  # the table
@@ -66,3 +66,25 @@ def test_trl_lora_and_4k_rows_on_a_tiny_workload(tmp_path: Path) -> None:
     by_name = {r["name"]: r for r in report["rows"]}
     assert by_name["lora/bf16@1k"]["optimizer_mb"] < by_name["full@1k"]["optimizer_mb"]  # only adapters train
     assert by_name["lora/bf16@1k"]["weights_mb"] < by_name["full@1k"]["weights_mb"] / 2  # one 16-bit copy
+
+
+def test_weights_only_rows_count_what_each_loading_mode_holds(tmp_path: Path) -> None:
+    """--steps 0: our rows load and stop. LoRA's frozen base is the one copy of the weights (the reference is the
+    base with adapters disabled): fp32 4 bytes per parameter, bf16 2; NF4 keeps the vocabulary matrices in 16 bits
+    and packs the decoder's linear weights two to a byte, plus a small absmax overhead."""
+    names = ["lora@1k", "lora/bf16@1k", "qlora/nf4@1k"]
+    report = run_bench(tmp_path, ",".join(names), "--steps", "0")
+    by_name = {r["name"]: r for r in report["rows"]}
+    assert list(by_name) == names
+    vocab = 2 * 400 * 32  # embedding and head
+    linear = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 128  # q/o, k/v, MLP
+    small = (32 + 16 + 16) + 3 * 32  # biases and norms
+    adapters = {r: by_name[r]["gradients_mb"] for r in names}  # trainable LoRA weights, fp32 in every mode
+    for name, bytes_per_param in (("lora@1k", 4), ("lora/bf16@1k", 2)):
+        base = bytes_per_param * (vocab + linear + small) / 2**20
+        assert by_name[name]["weights_mb"] == pytest.approx(base + adapters[name], rel=1e-6)
+    nf4 = by_name["qlora/nf4@1k"]
+    packed = (2 * vocab + 2 * small) / 2**20 + adapters["qlora/nf4@1k"]  # everything but the linear weights
+    assert packed + 0.5 * linear / 2**20 <= nf4["weights_mb"] <= packed + 0.6 * linear / 2**20
+    for row in by_name.values():
+        assert row["step_s"] == [] and row["useful_tokens_per_s"] is None and row["activations_and_rest_mb"] is None
