@@ -1,4 +1,5 @@
-"""Loading the policy (optionally wrapped in LoRA adapters) and saving the final model.
+"""Loading models: the policy (optionally wrapped in LoRA adapters), the base models it and a frozen reference start
+from (dropout off), and the tokenizer.
 
 Weights load as safetensors only, and `trust_remote_code` stays off unless the config asks for it.
 """
