@@ -119,12 +119,15 @@ def _plain_linear_head(head: torch.nn.Module, hidden: torch.Tensor, autocast: di
                      or torch.nn.modules.module._global_forward_pre_hooks))
 
 
-def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the model's forward does to the head's output before returning logits (identity for most models)."""
+def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the model's forward does to the head's output before returning logits; None when nothing (most
+    models)."""
     config = getattr(model, "config", None)
     scale = getattr(model, "logit_scale", None)  # Cohere: logits * logit_scale
     divisor = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
     cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+    if not isinstance(scale, (int, float)) and not isinstance(divisor, (int, float)) and cap is None:
+        return None
 
     def transform(logits: torch.Tensor) -> torch.Tensor:
         if isinstance(scale, (int, float)):
@@ -136,14 +139,6 @@ def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
         return logits
 
     return transform
-
-
-def _is_identity(model: torch.nn.Module) -> bool:
-    """Whether `logit_transform(model)` leaves logits as they are."""
-    config = getattr(model, "config", None)
-    return not (isinstance(getattr(model, "logit_scale", None), (int, float))
-                or isinstance(getattr(config, "logits_scaling", None), (int, float))
-                or getattr(config, "final_logit_softcapping", None) is not None)
 
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -168,7 +163,10 @@ def _unsupported_reason(lm: torch.nn.Module, head: torch.nn.Module | None, probe
     try:
         with torch.no_grad():
             want = lm(input_ids=probe_ids, use_cache=False).logits
-            mine = logit_transform(lm)(head(captured[0])) if len(captured) == 1 else None
+            transform = logit_transform(lm)
+            mine = head(captured[0]) if len(captured) == 1 else None
+            if mine is not None and transform is not None:
+                mine = transform(mine)
     finally:
         handle.remove()
         lm.train(was_training)
@@ -225,12 +223,11 @@ def chunked_head_logps(model: torch.nn.Module, inputs: dict[str, Any], keep: tor
 
     def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(**seen["autocast"]):
-            logits = transform(head(h))
+            logits = head(h) if transform is None else transform(head(h))
         return _LabelLogp.apply(logits, y)
 
     if _plain_linear_head(head, hidden, seen["autocast"]):
-        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, labels, chunk_size,
-                                      None if _is_identity(lm) else transform)
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, labels, chunk_size, transform)
 
     out = []
     for start in range(0, hidden.shape[0], chunk_size):

@@ -43,7 +43,7 @@ from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
 from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
-from dpo.models import is_peft_model, load_policy, load_tokenizer
+from dpo.models import is_peft_model, load_policy
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
 from dpo.progress import progress_bar
@@ -185,8 +185,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     train_ds = load_split(cfg.data_path, "train")
     eval_ds = load_split(cfg.data_path, "eval")
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
-    final_tokenizer = data.tokenizer
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes
     steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=cfg.batch_size, num_processes=world,
@@ -305,7 +304,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     progress.close()
 
     # ---- final model
-    save_final(accelerator, policy, final_tokenizer, cfg)
+    save_final(accelerator, policy, tokenizer, cfg)
     writer.close()
     log(f"[dpo] done at step {state.step}; final model in {out_dir / 'final'}")
     return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
