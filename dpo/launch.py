@@ -18,13 +18,17 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 
 
 def failed_exit_code(exc: BaseException) -> int | None:
-    """The status of the first failed process behind a launcher exception; None when it is not one."""
+    """The status of the failed processes behind a launcher exception; None when it is not one.
+
+    A process that exited by itself (status > 0, e.g. 2 for a user error) speaks for the run: once one fails, the
+    elastic agent stops the others with a signal (negative status), and which rank that is depends on timing."""
     if isinstance(exc, subprocess.CalledProcessError):
         return exc.returncode
     failures = getattr(exc, "failures", None)  # torch.distributed.elastic's ChildFailedError
     if isinstance(failures, dict) and failures:
         codes = [getattr(failures[rank], "exitcode", 1) for rank in sorted(failures)]
-        return next((code for code in codes if code not in (0, None)), 1)
+        own = [code for code in codes if code is not None and code > 0]
+        return own[0] if own else next((code for code in codes if code not in (0, None)), 1)
     return None
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import datasets
 import pytest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
 from dpo import atomic
 from dpo.errors import run_cli
+from dpo.launch import failed_exit_code
 from dpo.precompute_ref import main as precompute_main
 from dpo.reference import FINGERPRINT_FILE
 from dpo.startup import previous_run_outputs, remove_stale_staging
@@ -181,6 +183,20 @@ def test_overwriting_and_resuming_together_is_a_config_error():
 
     with pytest.raises(ConfigError, match="overwrite_output_dir: cannot be combined with resume_from_checkpoint"):
         load_config(["--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ({0: 2, 1: -15}, 2),  # rank 0 failed, the agent stopped rank 1
+    ({0: -15, 1: 2}, 2),  # rank 1 failed first, the agent stopped rank 0: the run still exits 2
+    ({0: -9, 1: -15}, -9),  # only signals: the first (main() turns it into 1)
+    ({0: 3, 1: 2}, 3),
+])
+def test_the_launch_exit_code_is_the_process_that_failed_by_itself(codes, expected):
+    failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+                for rank, code in codes.items()}
+    assert failed_exit_code(ChildFailedError("dpo.train", failures)) == expected
+    assert failed_exit_code(subprocess.CalledProcessError(2, ["deepspeed"])) == 2
+    assert failed_exit_code(ValueError("not a launcher failure")) is None
 
 
 @pytest.mark.distributed
