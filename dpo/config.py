@@ -87,6 +87,7 @@ class TrainConfig:
     layout: str = "auto"  # auto (fastest layout proven exact on this model) | packed | padded; see dpo/layouts.py
     prefix_sharing: bool | None = None  # one [prompt | chosen | rejected] sequence per pair; none: auto (probed)
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
+    attn_implementation: str = "auto"  # auto (flex on CUDA, else sdpa)|sdpa|eager|flex_attention|flash_attention_2|3
     logits_chunk_size: int = 256  # scored positions per LM-head chunk: extra memory ~ 3 x chunk x vocab x 4 bytes
     mixed_precision: str = "no"  # no | bf16 | fp16
     torch_dtype: str = "auto"  # auto|bf16|fp16|fp32 of frozen weights (LoRA base, reference); auto: model's if mixed
@@ -119,6 +120,8 @@ class TrainConfig:
             "mixed_precision": ("no", "bf16", "fp16"),
             "layout": ("auto", "padded", "packed"),
             "torch_dtype": ("auto", "bf16", "fp16", "fp32"),
+            "attn_implementation": ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                                    "flash_attention_3"),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:

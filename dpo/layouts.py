@@ -30,6 +30,8 @@ import datasets
 import pyarrow.compute as pc
 import torch
 
+from dpo.attention import implementation_of
+from dpo.attention import mask_form as attention_mask_form
 from dpo.config import TrainConfig
 from dpo.data import PreferenceBatch, collate_packed, collate_padded
 from dpo.errors import UserError
@@ -75,20 +77,21 @@ FASTEST_FIRST = (PACKED_SHARED, SHARED, PACKED, PADDED)
 
 
 def make_collate(layout: Layout | str, *, pad_token_id: int, max_tokens_per_row: int, prefix_sharing: bool = False,
-                 attention: AttentionSpec | None = None
+                 attention: AttentionSpec | None = None, mask_form: str = "dense"
                  ) -> Callable[[list[dict[str, Any]], list[float] | None], PreferenceBatch]:
     """The collate function of a layout, as `collate(pairs, weights)`; masks follow `attention` (the model's
-    windows, chunks and layer types; plain causal attention when None)."""
+    windows, chunks and layer types; plain causal attention when None), in the form the attention kernel takes
+    (`dpo.attention.mask_form`)."""
     if isinstance(layout, str):
         layout = Layout.of(layout, prefix_sharing)
     if layout.shared:
         return lambda pairs, weights=None: collate_prefix_shared(
             pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, weights=weights,
-            packed=layout.packed, attention=attention)
+            packed=layout.packed, attention=attention, mask_form=mask_form)
     if layout.packed:
         return lambda pairs, weights=None: collate_packed(
             pairs, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row, weights=weights,
-            attention=attention)
+            attention=attention, mask_form=mask_form)
     return lambda pairs, weights=None: collate_padded(pairs, pad_token_id=pad_token_id, weights=weights)
 
 
@@ -198,14 +201,16 @@ def _tolerances(padded: torch.Tensor, lengths: torch.Tensor, *, precise: bool, n
 def probe_layouts(model: torch.nn.Module, spec: AttentionSpec, candidates: Sequence[Layout], *, pad_token_id: int,
                   max_tokens_per_row: int, precise: bool, longest: int | None = None,
                   reduce_max: Callable[[float], float] = lambda x: x, stop_at_first: bool = True,
-                  device: torch.device | str | None = None) -> list[ProbeResult]:
+                  device: torch.device | str | None = None, mask_form: str | None = None) -> list[ProbeResult]:
     """Per-sequence log-probs of each candidate against the padded layout on synthetic pairs, in eval mode.
 
     `precise`: the forward runs in fp32 (tolerance 1e-4 nats + 1e-5 relative); otherwise 16-bit tolerances, with
     the noise floor measured as the difference between two padded arrangements of the same pairs. `reduce_max`
     takes the maximum over processes, so every process decides alike (ZeRO-3 runs every forward on every rank).
     Candidates are tried in order; with `stop_at_first` the probe ends at the first exact one. Batches go to
-    `device` (default: where the model's first parameter is)."""
+    `device` (default: where the model's first parameter is). Masks take the form of the model's own attention
+    implementation unless `mask_form` says otherwise, so a (layout, implementation) pair is what gets checked."""
+    mask_form = mask_form or attention_mask_form(implementation_of(model))
     config = _config_of(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_positions = getattr(text, "max_position_embeddings", None)
@@ -239,7 +244,7 @@ def probe_layouts(model: torch.nn.Module, spec: AttentionSpec, candidates: Seque
         results = []
         for layout in candidates:
             collate = make_collate(layout, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row,
-                                   attention=spec)
+                                   attention=spec, mask_form=mask_form)
             error = None
             try:
                 out = logps(collate(pairs, None))
@@ -273,10 +278,13 @@ class LayoutChoice:
     layout: Layout
     attention: AttentionSpec
     message: str  # one line for the log
+    mask_form: str = "dense"  # the masks the attention implementation takes (dpo.attention.mask_form)
 
 
-def static_reason(spec: AttentionSpec, layout: Layout) -> str | None:
-    """Why a layout cannot be exact for a model of `spec`, when the config alone says so."""
+def static_reason(spec: AttentionSpec, layout: Layout, implementation: str = "sdpa") -> str | None:
+    """Why a layout cannot be exact for a model of `spec` under `implementation`, when that alone says so."""
+    if layout.shared and attention_mask_form(implementation) == "varlen":
+        return f"{implementation} takes no custom mask, and prefix sharing needs one"
     if layout != PADDED and spec.recurrent_types:
         return (f"layers of type {', '.join(spec.recurrent_types)} mix the tokens of a row in order, whatever the "
                 f"mask and position ids")
@@ -296,9 +304,11 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
     candidates, explicit = candidate_layouts(layout, prefix_sharing)
     specs = [attention_spec(_config_of(m)) for m in models]
     spec = specs[0]
+    implementations = {implementation_of(m) for m in models}
+    implementation = implementation_of(models[0])
     rejected: list[tuple[Layout, str]] = []
     remaining = list(candidates)
-    if len(set(specs)) > 1:
+    if len(set(specs)) > 1 or len(implementations) > 1:
         reason = "the reference model's attention differs from the policy's"
         rejected += [(c, reason) for c in remaining if c != PADDED]
         remaining = [c for c in remaining if c == PADDED]
@@ -307,7 +317,7 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
         rejected += [(c, reason) for c in remaining if c.shared]
         remaining = [c for c in remaining if not c.shared]
     for candidate in list(remaining):
-        reason = static_reason(spec, candidate)
+        reason = static_reason(spec, candidate, implementation)
         if reason:
             rejected.append((candidate, f"{model_class_name(models[0])}: {reason}"))
             remaining.remove(candidate)
@@ -331,8 +341,10 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
         what = "; ".join(f"{c.name}: {why}" for c, why in rejected)
         raise LayoutError(f"layout {candidates[0].name} is not exact for this model: {what}. Use --layout auto "
                           f"(the fastest exact layout) or --layout padded --prefix_sharing false")
-    message = _message(chosen, rejected, spec, explicit) + f" [probe {time.perf_counter() - started:.2f} s]"
-    return LayoutChoice(layout=chosen, attention=spec, message=message)
+    message = (_message(chosen, rejected, spec, explicit) + f"; attention: {implementation}"
+               + f" [probe {time.perf_counter() - started:.2f} s]")
+    return LayoutChoice(layout=chosen, attention=spec, message=message,
+                        mask_form=attention_mask_form(implementation))
 
 
 def _message(chosen: Layout, rejected: list[tuple[Layout, str]], spec: AttentionSpec, explicit: bool) -> str:

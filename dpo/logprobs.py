@@ -13,6 +13,7 @@ import torch
 
 from dpo.data import PreferenceBatch
 from dpo.lm_head import chunked_head_logps
+from dpo.masks import model_attention_mask
 
 
 @dataclass
@@ -110,8 +111,8 @@ def sequence_logps(
     """
     keep = batch.target_seq >= 0  # the scored positions, in row-major order
     labels = batch.target_ids[keep]
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=model_attention_mask(batch.attention_mask),
+                  position_ids=batch.position_ids, use_cache=False)
     log_sum_sq = None
     if with_log_sum_sq:  # WPO's per-token normaliser needs every logit of the scored positions: the dense head
         logits = dense_logits(model, inputs, keep)

@@ -20,17 +20,20 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dpo.attention import resolve_attn_implementation
 from dpo.config import TrainConfig
 from dpo.precision import frozen_weights_dtype, keep_4bit_layers_differentiable, quantization_config
 
 
 def load_causal_lm(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-                   quantization: Any = None) -> PreTrainedModel:
+                   quantization: Any = None, attn_implementation: str | None = None) -> PreTrainedModel:
+    """`attn_implementation`: a concrete name (`dpo.attention.resolve_attn_implementation`); None leaves the choice
+    to transformers (sdpa where the model has it)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"model path {path!r} does not exist (models load from local folders only)")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, local_files_only=True,
-        quantization_config=quantization,
+        quantization_config=quantization, attn_implementation=attn_implementation,
     )
     if quantization is not None:
         keep_4bit_layers_differentiable(model)
@@ -85,8 +88,14 @@ def load_base_model(path: str, *, adapter_path: str | None, cfg: TrainConfig, fr
     # Trainable weights load as fp32 master weights, `mixed_precision` applied by autocast (DeepSpeed casts its
     # engines to its 16-bit dtype itself); frozen ones in `--torch_dtype` (dpo.precision).
     dtype = frozen_weights_dtype(cfg, path) if frozen else torch.float32
+    implementation = cfg.attn_implementation
+    if implementation == "auto":  # a caller that did not resolve it for its device (dpo.train and precompute do)
+        implementation = resolve_attn_implementation(
+            "auto", path, device_type="cuda" if torch.cuda.is_available() else "cpu", needs_backward=True,
+            trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-                           quantization=quantization_config(cfg) if frozen else None)
+                           quantization=quantization_config(cfg) if frozen else None,
+                           attn_implementation=implementation)
     if adapter_path:
         if not Path(adapter_path).is_dir():
             raise FileNotFoundError(f"lora_adapter_path {adapter_path!r} does not exist")

@@ -24,6 +24,7 @@ from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
 from dpo.atomic import staged_folder
+from dpo.attention import resolve_for_run
 from dpo.config import TrainConfig, config_to_dict, load_config, save_config
 from dpo.config_help import format_help, wants_help
 from dpo.contract import check_data_contract
@@ -179,6 +180,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    # The attention kernel this machine and model can run, or a one-line refusal (dpo/attention.py).
+    cfg = resolve_for_run(cfg, device_type=accelerator.device.type, needs_backward=True)
     resume_path = validate_startup(cfg, log)  # nothing is written to out_dir before this passes
 
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
@@ -225,7 +228,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                                data=data_shape(train_ds, eval_ds))
     log(choice.message)
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           attention=choice.attention)
+                           attention=choice.attention, mask_form=choice.mask_form)
     if accelerator.is_main_process:
         # ZeRO-3 leaves an empty placeholder in each partitioned parameter; ds_numel is its full size.
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)
