@@ -53,7 +53,7 @@ def model_class_of(model_path: str, *, trust_remote_code: bool = False) -> type 
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError):
         return None
-    return AutoModelForCausalLM._model_mapping.get(type(config))
+    return AutoModelForCausalLM._model_mapping.get(type(config), None)
 
 
 def resolve_attn_implementation(requested: str, model_path: str, *, device_type: str, needs_backward: bool,

@@ -157,7 +157,13 @@ def _unsupported_reason(lm: torch.nn.Module, head: torch.nn.Module | None, probe
     if any(hasattr(p, "ds_id") for p in head.parameters()):
         return "the head weight is partitioned by DeepSpeed ZeRO-3"
     captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    autocast: list[bool] = []  # whether the model's own head ran under autocast (Accelerate's mixed precision)
+
+    def capture(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured.append(args[0])
+        autocast.append(torch.is_autocast_enabled(args[0].device.type))
+
+    handle = head.register_forward_pre_hook(capture)
     was_training = lm.training
     lm.eval()  # LoRA dropout on the head would make the two computations differ
     try:
@@ -172,8 +178,11 @@ def _unsupported_reason(lm: torch.nn.Module, head: torch.nn.Module | None, probe
         lm.train(was_training)
     if mine is None:
         return f"{type(lm).__name__}'s forward called its output embedding {len(captured)} times, not once"
+    # fp32 end to end: agreement to rounding. Otherwise (16-bit weights, or the model's head under bf16/fp16
+    # autocast while this one runs in fp32) the two differ by 16-bit rounding, ~1e-3 of the logits' scale.
+    precise = want.dtype == torch.float32 and head.weight.dtype == torch.float32 and not any(autocast)
     want, mine = want.float(), mine.float()
-    tolerance = 1e-4 if want.dtype == torch.float32 and head.weight.dtype == torch.float32 else 2e-2
+    tolerance = 1e-4 if precise else 2e-2
     if mine.shape != want.shape or not torch.allclose(mine, want, rtol=tolerance, atol=tolerance):
         gap = (mine - want).abs().max().item() if mine.shape == want.shape else "shape"
         return f"{type(lm).__name__}'s logits are not head(hidden) with the known transforms (max gap {gap})"
