@@ -201,6 +201,30 @@ def chunked_head_supported(model: torch.nn.Module, probe_ids: torch.Tensor) -> b
     return _VERDICTS[lm]
 
 
+# Whether a model class takes a boolean [R, T] `logits_to_keep` (transformers >= ~5.2x); older releases index
+# hidden[:, logits_to_keep, :] and accept only an int or 1D positions.
+_BOOLEAN_KEEP: dict[type, bool] = {}
+
+
+def forward_keeping(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """`model(**inputs)` computing the head only at the `keep` positions [R, T]. Returns (output, selector): the
+    output's logits are [N, V] when the model took the boolean mask; [R, T, V] when it ignored it, or [R, n, V] at
+    the union of kept columns when it takes positions only; `selector` picks the kept positions out of a 3D one."""
+    lm_type = type(causal_lm_of(model))
+    if _BOOLEAN_KEEP.get(lm_type, True):
+        try:
+            out = model(**inputs, logits_to_keep=keep)
+        except IndexError:  # "too many indices": this transformers indexes hidden[:, logits_to_keep, :]
+            if _BOOLEAN_KEEP.get(lm_type):
+                raise
+            _BOOLEAN_KEEP[lm_type] = False
+        else:
+            _BOOLEAN_KEEP[lm_type] = True
+            return out, keep
+    columns = keep.any(0).nonzero().squeeze(1)
+    return model(**inputs, logits_to_keep=columns), keep[:, columns]
+
+
 def _autocast_state(device_type: str) -> dict[str, Any]:
     return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
             "dtype": torch.get_autocast_dtype(device_type)}
@@ -223,12 +247,12 @@ def chunked_head_logps(model: torch.nn.Module, inputs: dict[str, Any], keep: tor
 
     handle = head.register_forward_pre_hook(take_hidden)
     try:
-        model(**inputs, logits_to_keep=keep)
+        _, selector = forward_keeping(model, inputs, keep)
     finally:
         handle.remove()
     hidden = seen["hidden"]
-    if hidden.dim() == 3:  # a model that does not understand boolean logits_to_keep passed every position
-        hidden = hidden[keep]
+    if hidden.dim() == 3:  # the model passed every position, or the union of the kept columns
+        hidden = hidden[selector]
 
     def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(**seen["autocast"]):

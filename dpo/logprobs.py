@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo.data import PreferenceBatch
-from dpo.lm_head import chunked_head_logps
+from dpo.lm_head import chunked_head_logps, forward_keeping
 from dpo.masks import model_attention_mask
 
 
@@ -88,9 +88,10 @@ def scatter_sequence_logps(
 
 def dense_logits(model: torch.nn.Module, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
     """The model's own [N, V] logits of the `keep` positions (they exist, and their gradient in backward)."""
-    logits = model(**inputs, logits_to_keep=keep).logits
-    if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
-        logits = logits[keep]
+    out, selector = forward_keeping(model, inputs, keep)
+    logits = out.logits
+    if logits.dim() == 3:  # every position, or the union of the kept columns (`forward_keeping`)
+        logits = logits[selector]
     return logits
 
 
