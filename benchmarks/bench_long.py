@@ -125,7 +125,7 @@ def run_row(model_dir: Path, *, default: bool, length: int, batch: int, steps: i
               "median_step_s": statistics.median(times), "useful_tokens_per_step": tokens[0],
               "computed_tokens_per_step": computed[0], "mask_bytes_per_batch": masks[0],
               "useful_tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
-              "peak_memory_mb": peak_memory_mb(device), "loss": float(out.loss)}
+              "peak_memory_mb": peak_memory_mb(device), "loss": float(out.loss.detach())}
     del policy, optimizer, reference, out, batch_k
     return result
 
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="2048,8192", help="pair lengths (prompt + answer) of the speed rows")
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="batch = this / (2 x length) pairs")
     parser.add_argument("--longest", default="16384,32768,65536", help="pair lengths tried at batch 1")
+    parser.add_argument("--rows", default="default,padded_sdpa", help="which of the two configurations to run")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per speed row")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (kernel compilation)")
     parser.add_argument("--workdir", default="bench_results/long", help="where the model folder is written")
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lengths = [int(x) for x in args.lengths.split(",") if x]
     longest = [int(x) for x in args.longest.split(",") if x]
+    configurations = [name == "default" for name in ("default", "padded_sdpa") if name in args.rows.split(",")]
     model_dir = Path(args.workdir) / args.shape
     parameters = save_model(args.shape, model_dir, max_positions=2 * max(lengths + longest))
     rates = matmul_rates(device, 4096 if device == "cuda" else 512, repeats=5)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
           f"TFLOP/s", flush=True)
     for length in lengths:
         batch = max(1, args.tokens_per_step // (2 * length))
-        for default in (True, False):
+        for default in configurations:
             name = f"{'default' if default else 'padded_sdpa'}@{length}"
             try:
                 record(name, run_row(model_dir, default=default, length=length, batch=batch, steps=args.steps,
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             except torch.cuda.OutOfMemoryError as exc:
                 record(name, {"error": f"out of memory: {str(exc).splitlines()[0][:160]}", "batch": batch})
             free(device)
-    for default in (True, False):
+    for default in configurations:
         for length in longest:
             name = f"{'default' if default else 'padded_sdpa'}@{length}/batch1/checkpointing"
             try:

@@ -111,7 +111,28 @@ def resolve_for_run(cfg: Any, *, device_type: str, needs_backward: bool) -> Any:
                                            trust_remote_code=cfg.trust_remote_code) for k, path in enumerate(paths)]
     if cfg.attn_implementation == "auto" and len(set(choices)) > 1:
         choices = ["sdpa" if "eager" not in choices else "eager"]
+    prepare_kernel(choices[0])
     return dataclasses.replace(cfg, attn_implementation=choices[0])
+
+
+# torch.compile specialises FlexAttention per shape and grad mode (the probe's short rows, the no-grad reference, the
+# policy's forward and backward): past dynamo's default of 8 variants it silently falls back to the unfused kernel,
+# which materialises every [T x T] score (measured on an H200: 3.7x slower than sdpa at 2k-token pairs, out of
+# memory at 16k). Enough room for every variant a run makes.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def prepare_kernel(implementation: str) -> None:
+    """Process-wide settings an implementation needs before its first forward."""
+    if implementation != "flex_attention":
+        return
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            wanted = FLEX_RECOMPILE_LIMIT * (4 if name.startswith("accumulated") else 1)
+            setattr(config, name, max(getattr(config, name), wanted))
 
 
 def flex_available() -> bool:
