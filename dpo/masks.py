@@ -135,6 +135,7 @@ def _additive(allowed: torch.Tensor) -> torch.Tensor:
 
 MASK_FORMS = ("dense", "block", "varlen")
 BLOCK_SIZE = 128  # FlexAttention's default block: a BlockMask stores about (T / 128)^2 entries per row
+COMPILE_BLOCK_MASKS_FROM = 4096  # tokens per row past which a CPU builds block masks compiled too
 
 
 def build_attention_mask(segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor,
@@ -210,9 +211,11 @@ class SegmentMask:
         built: dict[MaskRule, Any] = {}
         for _, rule in self.spec.rules:
             if rule not in built:
+                # Compiled, the block tables are computed block by block; uncompiled (cheap to start, fine for
+                # the short rows of CPU probes) the mask_mod is evaluated on the whole [T x T] grid at once.
                 built[rule] = create_block_mask(mask_mod or rule_mod(rule), B=rows, H=None, Q_LEN=width,
                                                 KV_LEN=width, device=device, BLOCK_SIZE=BLOCK_SIZE,
-                                                _compile=device.type == "cuda")
+                                                _compile=device.type == "cuda" or width > COMPILE_BLOCK_MASKS_FROM)
         result = (built[self.spec.rules[0][1]] if not self.spec.as_mapping
                   else {name: built[rule] for name, rule in self.spec.rules})
         if mask_mod is None:

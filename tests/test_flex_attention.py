@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_zoo import ZOO, build
-from test_architectures import PAIRS, TOLERANCE, layout_logps, oracle_logps
+from test_architectures import PAIRS, TOLERANCE, oracle_logps, verdicts
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 from dpo.attention import AttentionUnavailable, mask_form, resolve_attn_implementation
@@ -63,7 +63,8 @@ def random_rows(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         for slot in range(rng.randint(1, 3)):
             prompt, chosen, rejected = rng.randint(1, 9), rng.randint(1, 7), rng.randint(1, 7)
             if rng.random() < 0.5:  # a shared pair
-                parts = [(prompt - 1, 0, SHARED), (chosen + 1, prompt - 1, CHOSEN), (rejected + 1, prompt - 1, REJECTED)]
+                parts = [(prompt - 1, 0, SHARED), (chosen + 1, prompt - 1, CHOSEN),
+                         (rejected + 1, prompt - 1, REJECTED)]
             else:  # a plain sequence
                 parts = [(prompt + chosen, 0, SHARED)]
             for n, first, code in parts:
@@ -181,37 +182,30 @@ def test_most_families_have_flex_attention():
 
 @pytest.mark.parametrize("name", FLEX_FAMILIES)
 def test_flex_forward_equals_the_dense_path_and_the_probe_agrees(name, eager_flex):
-    """For every layout the dense path gets exact on this family, the flex path equals the per-sequence oracle
-    within 1e-4 nats; the probe, run on the flex model, accepts the same fastest layout; a mask_mod that lets the
-    sequences of a row see each other is far off (the comparison can see a leak)."""
+    """For every layout the dense path gets exact on this family (tests/test_architectures.py's verdicts, computed
+    once per process), the flex path equals the per-sequence oracle within 1e-4 nats; the probe, run on the flex
+    model, picks the same layout as on the dense one; a mask_mod that lets the sequences of a row see each other is
+    far off (the comparison can see a leak)."""
     model = build(name)
     oracle = oracle_logps(model, PAIRS)
     twin = flex_copy(model)
-    exact_dense = []
-    for layout in FASTEST_FIRST:
-        try:
-            dense_gap = float((layout_logps(model, layout, PAIRS) - oracle).abs().max())
-        except Exception:
-            continue
-        if dense_gap <= TOLERANCE:
-            exact_dense.append(layout)
-            if layout != PADDED:
-                gap = float((flex_logps(twin, layout) - oracle).abs().max())
-                assert gap <= TOLERANCE, f"{name} {layout.name}: flex is {gap:.3g} nats off"
+    dense = verdicts(name)
+    exact_dense = [layout for layout in FASTEST_FIRST if dense["distance"][layout] <= TOLERANCE]
     assert PADDED in exact_dense
-    if any(layout != PADDED for layout in exact_dense):
-        dense_choice = choose_layout([model], layout="auto", prefix_sharing=None, pad_token_id=0,
-                                     max_tokens_per_row=2048, precise=True)
-        flex_choice = choose_layout([twin], layout="auto", prefix_sharing=None, pad_token_id=0,
-                                    max_tokens_per_row=2048, precise=True)
-        assert flex_choice.layout == dense_choice.layout
-        assert flex_choice.mask_form == "block" and "attention: flex_attention" in flex_choice.message
-        layout = exact_dense[0]
+    for layout in exact_dense:
+        if layout != PADDED:
+            gap = float((flex_logps(twin, layout) - oracle).abs().max())
+            assert gap <= TOLERANCE, f"{name} {layout.name}: flex is {gap:.3g} nats off"
+    flex_choice = choose_layout([twin], layout="auto", prefix_sharing=None, pad_token_id=0, max_tokens_per_row=2048,
+                                precise=True)
+    assert flex_choice.layout == dense["default"].layout
+    assert flex_choice.mask_form == "block" and "attention: flex_attention" in flex_choice.message
+    if exact_dense[0] != PADDED:
 
         def sees_everything_before(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
 
-        leak = float((flex_logps(twin, layout, mask_mod=sees_everything_before) - oracle).abs().max())
+        leak = float((flex_logps(twin, exact_dense[0], mask_mod=sees_everything_before) - oracle).abs().max())
         assert leak > 100 * TOLERANCE, f"{name}: the negative control is only {leak:.3g} off"
 
 
