@@ -104,7 +104,7 @@ def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collat
             batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
             try:
                 out = forward_and_loss(policy, reference, batch, cfg)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5, the same class
                 raise UserError(f"evaluation: a batch of {plan.batch_size} eval pairs does not fit in device memory "
                                 f"(the longest pairs come first); set --eval_batch_size "
                                 f"{max(1, plan.batch_size // 2)}") from None

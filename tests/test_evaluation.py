@@ -231,3 +231,26 @@ def test_eval_on_start_without_an_eval_split_is_refused_before_writing(inputs, t
         train(load_config(["--model_path", inputs["model"], "--data_path", str(data), "--output_dir",
                            str(tmp_path / "out"), "--eval_on_start", "--max_steps", "1"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_eval_batch_that_does_not_fit_names_the_flag(inputs, tmp_path):
+    """A real tiny model whose forward runs out of device memory (raised by a hook: the CPU never does): one line
+    naming --eval_batch_size at half the batch, and the policy back in training mode."""
+    from builders import accelerator
+    from dpo.data import load_split
+    from dpo.layouts import make_collate
+    from dpo.reference import make_reference
+    from dpo.train import evaluate
+
+    cfg = load_config(["--model_path", inputs["model"], "--data_path", inputs["data"], "--batch_size", "3"])
+    policy = load_causal_lm(inputs["model"]).train()
+
+    def out_of_memory(*_):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    policy.register_forward_pre_hook(out_of_memory)
+    reference = make_reference("model", cfg, model=load_causal_lm(inputs["ref"]).eval())
+    collate = make_collate("padded", pad_token_id=0, max_tokens_per_row=2048)
+    with pytest.raises(UserError, match=r"a batch of 6 eval pairs does not fit .* --eval_batch_size 3$"):
+        evaluate(policy, reference, load_split(inputs["data"], "eval"), collate, cfg, accelerator())
+    assert policy.training
