@@ -104,7 +104,7 @@ def summary_text(records: list[dict[str, Any]]) -> str:
     lines = ["                     first      last"]
     for split in ("train", "eval"):
         rows = [(name, series(records, split, name)[1]) for name in
-                ("loss", "rewards/margins", "rewards/accuracies", "logratio/chosen")]
+                ("loss", "rewards/margins", "rewards/accuracies", "logratio/chosen", "logps/accuracies")]
         rows = [(name, values) for name, values in rows if values]
         if not rows:
             continue
