@@ -64,8 +64,12 @@ def test_eval_plan_by_hand_longest_first_no_repeated_pairs():
     assert sorted(subset.batches[0][0]) == eval_subset(7, max_pairs=3, seed=5)
 
 
-def test_eval_config_is_checked():
+def test_eval_config_is_checked(tmp_path):
     assert load_config(["--eval_on_start", "--eval_max_pairs", "8"]).eval_on_start is True
+    (tmp_path / "recipe.yaml").write_text("eval_on_start: true\neval_max_pairs: 64\n")
+    from_yaml = load_config(["--config", str(tmp_path / "recipe.yaml")])
+    assert from_yaml.eval_on_start is True and from_yaml.eval_max_pairs == 64
+    assert load_config([]).eval_on_start is False and load_config([]).eval_max_pairs is None
     for flag in ("--eval_max_pairs", "--eval_batch_size"):
         with pytest.raises(ConfigError, match=flag[2:]):
             load_config([flag, "0"])
