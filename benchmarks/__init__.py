@@ -4,6 +4,7 @@
     python -m benchmarks.bench_reference [...]   reference strategies x full/LoRA on a model of any size (GPU-sized)
     python -m benchmarks.bench_prep [...]        data-prep pairs/s per core
     python -m benchmarks.bench_probe [...]       one-time cost of the layout probe
+    python -m benchmarks.bench_eval [...]        evaluation cost per pair against a training step's forward
     python -m benchmarks.bench_demo [...]        ./launch.sh demo end to end
     python -m benchmarks.bench_memory [...]      peak memory at a real vocabulary, against TRL
 

@@ -69,7 +69,7 @@ class TrainConfig:
     load_in_8bit: bool = False  # the LoRA base in 8-bit LLM.int8() (needs bitsandbytes)
     # --- batches and schedule
     batch_size: int = 4  # pairs per device per micro-step
-    eval_batch_size: int | None = None  # defaults to batch_size
+    eval_batch_size: int | None = None  # eval pairs per device per forward; none: 2 x batch_size (no-grad: it fits)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     max_steps: int = -1  # optimizer steps; -1: num_epochs over the data
     num_epochs: float = 1.0  # passes over the training pairs (fractions allowed) when max_steps is -1
@@ -96,6 +96,8 @@ class TrainConfig:
     # --- logging, evaluation, checkpoints
     logging_steps: int = 1  # write train metrics every N optimizer steps
     eval_steps: int = 0  # 0: evaluate only at the end
+    eval_on_start: bool = False  # also evaluate the starting model before the first update, logged as step 0
+    eval_max_pairs: int | None = None  # evaluate a fixed, seeded subset of this many eval pairs; none: all of them
     max_logratio: float | None = None  # warn when |eval logratio/chosen| exceeds this (drift from the reference)
     early_stopping_patience: int | None = None  # evaluations without improvement of eval loss
     early_stopping_min_delta: float = 0.0  # a smaller fall of the eval loss is no improvement
@@ -140,6 +142,9 @@ class TrainConfig:
             raise ConfigError(f"max_steps: must be -1 (use num_epochs) or > 0, got {self.max_steps!r}")
         if self.max_steps == -1 and not self.num_epochs > 0:
             raise ConfigError(f"num_epochs: must be > 0 when max_steps is -1, got {self.num_epochs!r}")
+        for key in ("eval_batch_size", "eval_max_pairs"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 (or none), got {getattr(self, key)!r}")
         if self.logging_steps == 0:
             raise ConfigError("logging_steps: must be >= 1")
         if self.reference == "adapters_disabled" and not self.lora:

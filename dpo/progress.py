@@ -12,13 +12,13 @@ LOG_INTERVAL_S = 30.0
 
 
 def progress_bar(*, total: int, initial: int, enabled: bool, file: IO[str] | None = None,
-                 log_interval_s: float = LOG_INTERVAL_S) -> tqdm:
+                 log_interval_s: float = LOG_INTERVAL_S, desc: str = "dpo") -> tqdm:
     """A tqdm bar. Not on a terminal it redraws from `update` only, once `log_interval_s` has passed: a fixed
     `miniters=1` turns off tqdm's adaptive step count, and with it the monitor thread that otherwise forces an extra
     redraw 10 s after each one. Callers pass `refresh=False` to `set_postfix`, which would redraw on every call."""
     stream = file if file is not None else sys.stderr
     if stream.isatty():
-        return tqdm(total=total, initial=initial, disable=not enabled, desc="dpo", dynamic_ncols=True, file=stream,
+        return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, file=stream,
                     mininterval=0.1)
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="dpo", dynamic_ncols=True, file=stream,
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, file=stream,
                 mininterval=log_interval_s, miniters=1)

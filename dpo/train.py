@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,10 @@ from dpo.attention import resolve_for_run
 from dpo.config import TrainConfig, config_to_dict, load_config, save_config
 from dpo.config_help import format_help, wants_help
 from dpo.contract import check_data_contract
-from dpo.data import (
-    PreferenceBatch,
-    eval_micro_batches,
-    load_split,
-    optimizer_steps_per_epoch,
-    train_micro_batches,
-)
+from dpo.data import PreferenceBatch, load_split, optimizer_steps_per_epoch, train_micro_batches
 from dpo.distributed import build_accelerator
 from dpo.errors import TrainingDiverged, UserError, run_cli
+from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
 from dpo.host_memory import return_freed_memory
 from dpo.layouts import choose_run_layout, data_shape, make_collate
@@ -94,20 +90,45 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collate: Any, cfg: TrainConfig,
-             accelerator: Any) -> dict[str, float]:
-    """Loss, rewards, preference accuracy and log-ratio over every eval pair exactly once (all processes)."""
+             accelerator: Any, *, step: int | None = None, log: Callable[[str], None] | None = None
+             ) -> dict[str, float]:
+    """Loss, rewards, both preference accuracies and log-ratio over the eval pairs (all, or eval_max_pairs' fixed
+    subset) exactly once, all processes, in the run's layout (`collate`) and batches of `dpo.evaluation`; a
+    progress bar on the main process; `runtime` (s) and `pairs_per_second` too, and one line to `log`."""
+    started = time.perf_counter()
+    plan = eval_plan(dataset, cfg, num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     policy.eval()
     acc = MetricAccumulator(accelerator.device)
-    batches = eval_micro_batches(len(dataset), batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index)
-    for indices, weights in batches:
-        batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
-        out = forward_and_loss(policy, reference, batch, cfg)
-        acc.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
-    policy.train()
+    progress = progress_bar(total=plan.num_pairs, initial=0, enabled=accelerator.is_main_process, desc="eval")
+    try:
+        for (indices, weights), pairs in zip(plan.batches, plan.global_pairs):
+            batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
+            try:
+                out = forward_and_loss(policy, reference, batch, cfg)
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5, the same class
+                raise UserError(f"evaluation: a batch of {plan.batch_size} eval pairs does not fit in device memory "
+                                f"(the longest pairs come first); set --eval_batch_size "
+                                f"{max(1, plan.batch_size // 2)}") from None
+            acc.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
+            progress.update(pairs)
+    finally:
+        progress.close()
+        policy.train()
     metrics = acc.reduce(accelerator)
     metrics.pop("num_tokens")
+    metrics["runtime"] = time.perf_counter() - started
+    metrics["pairs_per_second"] = metrics["num_pairs"] / max(metrics["runtime"], 1e-9)
+    if log is not None:
+        log(eval_summary(step, metrics))
     return metrics
+
+
+def show_step(progress: Any, metrics: dict[str, float]) -> None:
+    """Advance the bar by the step just taken, showing that step's loss and accuracy: the postfix is set before
+    `update`, which is what redraws (after it, a redraw would show the step before)."""
+    # refresh=False: the redraw waits for the bar's interval (dpo/progress.py) instead of every step.
+    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
+    progress.update(1)
 
 
 def build_optimizer(policy: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,6 +208,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
     eval_ds = load_split(cfg.data_path, "eval")
+    if cfg.eval_on_start and eval_ds is None:
+        raise UserError(f"eval_on_start: {cfg.data_path} has no eval split (data_prep --eval_fraction or --eval_input "
+                        f"makes one)")
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -256,12 +280,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
         writer.truncate_after(state.step)
         log(f"[dpo] resumed from {resume_path} at step {state.step}")
 
+    last_eval: dict[str, float] = {}
+    if cfg.eval_on_start and state.step == 0:  # the starting model: the "before" of every eval curve
+        last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=0, log=log)
+        writer.write(0, "eval", last_eval)
+        update_early_stopping(state, last_eval, cfg, log)  # the baseline a later evaluation must improve on
+    elif cfg.eval_on_start:  # a resumed run's weights are not the starting model's; its step 0 is already logged
+        log(f"[dpo] eval_on_start: no step-0 evaluation when resuming at step {state.step}")
+
     # ---- the loop
     accumulator = MetricAccumulator(accelerator.device)
     # Redirected to a log file (clusters, CI), redraw at most every 30 s rather than 10 times a second.
     progress = progress_bar(total=total_steps, initial=state.step, enabled=accelerator.is_main_process)
     step_start = time.perf_counter()
-    last_eval: dict[str, float] = {}
     while state.step < total_steps and not state.stopped_early:
         epoch = state.step // steps_per_epoch
         micro_batches = train_micro_batches(
@@ -282,19 +313,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             state.step += 1
             if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:  # TR-DPO, after the step
                 sync_reference(unwrapped_policy, reference.model, alpha=cfg.ref_model_mixup_alpha)
-            elapsed = time.perf_counter() - step_start
-            step_start = time.perf_counter()
+            elapsed = time.perf_counter() - step_start  # the step's own time: evaluations and saves come after
             step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
             step_metrics["epoch"] = state.step / steps_per_epoch
-            progress.update(1)
-            # refresh=False: the redraw waits for the bar's interval (dpo/progress.py) instead of every step.
-            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
-                                 refresh=False)
+            show_step(progress, step_metrics)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 writer.write(state.step, "train", step_metrics)
             if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
                                         or state.step == total_steps):
-                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator)
+                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=state.step, log=log)
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
@@ -302,6 +329,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                                      save_total_limit=cfg.save_total_limit,
                                      save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
                                      if cfg.sync_ref_model else None)
+            step_start = time.perf_counter()
             if state.step >= total_steps or state.stopped_early:
                 break
     progress.close()
