@@ -19,6 +19,7 @@ with `--resume_from_checkpoint latest` (examples/slurm_multi_node.sbatch does).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -28,7 +29,7 @@ import torch
 
 from dpo.errors import RunPreempted
 
-__all__ = ["DEFAULT_SIGNALS", "PreemptionSignals", "RunPreempted", "forwardable_signals", "parse_signals"]
+__all__ = ["DEFAULT_SIGNALS", "PreemptionSignals", "RunPreempted", "forward_signals_to_workers", "parse_signals"]
 
 DEFAULT_SIGNALS = "SIGTERM,SIGUSR1"
 # Signals a run may save on: the ones schedulers send ahead of a stop (SIGINT is Ctrl-C, also accepted).
@@ -55,9 +56,30 @@ def parse_signals(value: str | list[str] | None) -> list[signal.Signals]:
     return found
 
 
-def forwardable_signals() -> list[signal.Signals]:
-    """What a launcher passes on to its training processes (dpo.launch): every signal a run may save on."""
-    return [signal.Signals[name] for name in ALLOWED if name != "SIGINT"]
+def forward_signals_to_workers() -> None:
+    """For a launcher (dpo.launch): pass every signal a run may save on, except Ctrl-C's SIGINT, to the training
+    processes it starts, and keep waiting for them.
+
+    Without this, SIGUSR1 would kill the launcher (its default action) and orphan the workers, and torch's elastic
+    agent would answer SIGTERM by stopping the workers itself and killing them 30 s later, whether or not their
+    checkpoint is written. The agent is told to leave those signals alone (TORCHELASTIC_SIGNALS_TO_HANDLE, unless
+    the user set it); the workers then decide, by their own `save_on_signal`, what a signal means."""
+    import psutil
+
+    forwarded = [signal.Signals[name] for name in ALLOWED if name != "SIGINT"]
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT,SIGQUIT")
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in psutil.Process().children():
+            try:
+                if "multiprocessing" in " ".join(child.cmdline()):  # a resource tracker, not a worker
+                    continue
+                child.send_signal(signum)
+            except psutil.Error:
+                pass  # it exited meanwhile
+
+    for sig in forwarded:
+        signal.signal(sig, forward)
 
 
 class PreemptionSignals:

@@ -22,9 +22,11 @@ The generators of each process are restored exactly when nothing changed; after 
 correspond, so each reseeds from (seed, step, process index): deterministic, and distinct per process (only dropout
 draws from them; the data order never does).
 
-Refused, with one line naming the combination (exit 2): DeepSpeed <-> torch engines, checkpoints written before
-topology.json existed, fp16 (its dynamic loss scale is not part of a universal checkpoint), and a global batch that
-the new process count does not divide.
+Refused, with one line naming the combination (exit 2): DeepSpeed <-> torch engines; ZeRO-3 <-> ZeRO-1/2 (DeepSpeed
+0.19's stage-3 engine looks for the model state in per-rank files a stage-1/2 checkpoint does not have, and the
+other way round: measured, both fail inside `load_checkpoint`); another process count for a checkpoint written
+before topology.json existed; fp16 across topologies (its dynamic loss scale is not part of a universal checkpoint);
+a global batch that the new process count does not divide.
 """
 
 from __future__ import annotations
@@ -138,6 +140,11 @@ def plan_run(cfg: Any, accelerator: Any, resume_path: Path | None, *, log: Calla
                         f"optimizer states do not convert into each other. Resume with a "
                         f"{'DeepSpeed' if source.engine == 'deepspeed' else 'torch (single or ddp)'} accelerate "
                         f"config (any number of processes)")
+    if engine == "deepspeed" and (source.zero_stage == 3) != (stage == 3):
+        raise UserError(f"resume_from_checkpoint: {resume_path.name} was written by {source.describe()} and this "
+                        f"run uses ZeRO-{stage}: DeepSpeed cannot load a universal checkpoint across ZeRO-3 and "
+                        f"ZeRO-1/2 (their engines keep the model state in different files). Resume with "
+                        f"{'ZeRO-3' if source.zero_stage == 3 else 'ZeRO-1 or ZeRO-2'} (any number of processes)")
     if resized and engine == "deepspeed" and cfg.mixed_precision == "fp16":
         raise UserError(f"resume_from_checkpoint: {resume_path.name} ({source.describe()}) cannot resume on "
                         f"{world} processes / ZeRO-{stage} with fp16: the dynamic loss scale is not carried by a "
