@@ -175,8 +175,8 @@ def assert_same_run(got: Path, want: Path, *, steps: int = 8, rel: float = 1e-4)
 
 
 @pytest.mark.slow
-def test_sigusr1_saves_and_exits_75_and_a_signal_during_the_write_changes_nothing(inputs: Inputs, tmp_path: Path
-                                                                                   ) -> None:
+def test_sigusr1_saves_and_exits_75_and_a_second_signal_in_the_write_changes_nothing(
+        inputs: Inputs, tmp_path: Path) -> None:
     """One process, no launcher: SIGUSR1 in step 3, then SIGTERM while checkpoint-3 is being written (the shards are
     on disk, the manifest is not). The second signal is only recorded: checkpoint-3 completes and verifies, the
     run exits 75 naming the resume flag, and resuming it ends where the uninterrupted run ends."""
@@ -194,8 +194,8 @@ def test_sigusr1_saves_and_exits_75_and_a_signal_during_the_write_changes_nothin
 
 
 @pytest.mark.slow
-def test_sigterm_that_kills_a_checkpoint_write_leaves_the_previous_one_resumable(inputs: Inputs, tmp_path: Path
-                                                                                 ) -> None:
+def test_sigterm_that_kills_a_checkpoint_write_leaves_the_previous_one_resumable(
+        inputs: Inputs, tmp_path: Path) -> None:
     """--save_on_signal none: SIGTERM's default action kills the run in the middle of writing checkpoint-4. The
     staging folder is left incomplete and never read; `latest` resumes from checkpoint-2 and the run ends exactly
     as the uninterrupted one."""
@@ -281,3 +281,41 @@ def test_stop_and_resume_across_process_counts(inputs: Inputs, tmp_path: Path, c
     want = inputs.baseline(*extra)
     assert_same_run(out, want)
     assert_close_weights(load_weights(out / "final"), load_weights(want / "final"), atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_sbatch_script_forwards_usr1_and_requeues(inputs: Inputs, tmp_path: Path) -> None:
+    """examples/slurm_multi_node.sbatch as SLURM runs it (`--signal=B:USR1@...` signals the script alone), with
+    `srun` and `scontrol` as small scripts on PATH (one node, this machine; scontrol records a requeue): USR1 to the
+    script while it trains reaches the training process through srun, launch.sh and dpo.launch; the run stops with
+    a verified checkpoint and the script requeues the job and exits 75."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shims = {"srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+             "scontrol": f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\necho 127.0.0.1\n'}
+    for name, text in shims.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**launch_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242",
+           "GPUS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(free_port())}
+    out = tmp_path / "run"
+    args = inputs.args(out, "--batch_size", "4", "--max_steps", "100000")  # stopped long before the end
+    proc = subprocess.Popen(["bash", "examples/slurm_multi_node.sbatch", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(3000):  # until it trains: a step is logged
+            if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+                break
+            assert proc.poll() is None, proc.communicate()[0][-5000:]
+            subprocess.run(["sleep", "0.1"])
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, output[-5000:]
+    assert "stopped by SIGUSR1 at step" in output and "requeueing job 4242" in output
+    (checkpoint,) = list_checkpoints(out)
+    verify_checkpoint(checkpoint)
+    assert (tmp_path / "scontrol.log").read_text().splitlines()[-1] == "requeue 4242"
