@@ -3,7 +3,8 @@
     stop = PreemptionSignals(cfg.save_on_signal)      # installs the handlers (main thread, every process)
     ...after each optimizer step, on every process:
     if stop.agreed(accelerator):                       # one all-reduce: did any process get a signal?
-        ...save checkpoint-STEP, then raise RunPreempted(...)
+        save checkpoint-STEP
+        raise stop.preempted(step=STEP, total_steps=N, output_dir=OUT)     # dpo.errors.run_cli: exit 75
 
 Cluster schedulers warn before they stop a job: SLURM sends `--signal=B:USR1@SECONDS` ahead of the time limit and
 SIGTERM on preemption (SIGKILL follows after its grace time), Kubernetes sends SIGTERM. The handler only records
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -112,6 +114,12 @@ class PreemptionSignals:
         if not self.received:
             return "another process's signal"
         return "+".join(dict.fromkeys(self.received))
+
+    def preempted(self, *, step: int, total_steps: int, output_dir: Path) -> RunPreempted:
+        """The exception that ends the run once checkpoint-`step` is written (handlers restored first)."""
+        self.restore()
+        return RunPreempted(f"stopped by {self.describe()} at step {step} of {total_steps}; checkpoint-{step} saved in "
+                            f"{output_dir}; resume with --resume_from_checkpoint latest (any number of processes)")
 
     def restore(self) -> None:
         """Put the previous handlers back (a run called in-process, e.g. by tests, leaves none behind)."""

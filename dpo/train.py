@@ -47,7 +47,7 @@ from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import is_peft_model, load_policy
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
-from dpo.preemption import PreemptionSignals, RunPreempted
+from dpo.preemption import PreemptionSignals
 from dpo.progress import progress_bar
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
@@ -323,10 +323,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                     save(state)
                 progress.close()
                 writer.close()
-                stop.restore()
-                raise RunPreempted(f"stopped by {stop.describe()} at step {state.step} of {total_steps}; "
-                                   f"checkpoint-{state.step} saved in {out_dir}; resume with "
-                                   f"--resume_from_checkpoint latest (any number of processes)")
+                raise stop.preempted(step=state.step, total_steps=total_steps, output_dir=out_dir)
             if state.step >= total_steps or state.stopped_early:
                 break
     progress.close()
