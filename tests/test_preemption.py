@@ -26,13 +26,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from test_distributed import REPO, assert_close_weights, free_port, launch_env, load_weights, read_records
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
 from dpo.checkpoint import list_checkpoints, verify_checkpoint
 from dpo.errors import EXIT_PREEMPTED, UserError
 from dpo.preemption import PreemptionSignals, parse_signals
 from dpo.resize import plan_run, share_global_batch
-from test_distributed import REPO, assert_close_weights, free_port, launch_env, load_weights, read_records
 
 DRIVER = str(REPO / "tests" / "signal_driver.py")
 TIMEOUT_S = 300
