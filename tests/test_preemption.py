@@ -32,7 +32,7 @@ from builders import make_data_dir, make_model_dir, make_tokenizer
 from dpo.checkpoint import list_checkpoints, verify_checkpoint
 from dpo.errors import EXIT_PREEMPTED, UserError
 from dpo.preemption import PreemptionSignals, parse_signals
-from dpo.resize import plan_run, share_global_batch
+from dpo.resize import plan_run, reseed, share_global_batch
 
 DRIVER = str(REPO / "tests" / "signal_driver.py")
 TIMEOUT_S = 300
@@ -75,6 +75,21 @@ def test_global_batch_is_shared(global_batch: int, processes: int, preferred: in
                                 ) -> None:
     batch, accumulation = share_global_batch(global_batch, processes, preferred_batch=preferred)
     assert (batch, accumulation) == expected and batch * accumulation * processes == global_batch
+
+
+def test_reseed_after_a_resize_is_deterministic_and_distinct_per_process() -> None:
+    """Python, NumPy and torch generators: the same draws for the same (seed, step, process), others otherwise."""
+    import random
+
+    import numpy as np
+
+    def draws(seed: int, step: int, process: int) -> tuple:
+        reseed(seed, step, process)
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    first = draws(7, 3, 1)
+    assert draws(7, 3, 1) == first
+    assert all(a != b for a, b in zip(draws(7, 3, 0), first)) and all(a != b for a, b in zip(draws(7, 4, 1), first))
 
 
 def fake_accelerator(processes: int, stage: int | None) -> SimpleNamespace:
