@@ -327,11 +327,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             if state.step >= total_steps or state.stopped_early:
                 break
     progress.close()
-    stop.restore()
 
-    # ---- final model
+    # ---- final model (a signal now is only recorded: the run finishes)
     save_final(accelerator, policy, tokenizer, cfg)
     writer.close()
+    stop.restore()
     log(f"[dpo] done at step {state.step}; final model in {out_dir / 'final'}")
     return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
 
