@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil  # an Accelerate dependency
 import torch
 
 from dpo.errors import RunPreempted
@@ -66,8 +67,6 @@ def forward_signals_to_workers() -> None:
     agent would answer SIGTERM by stopping the workers itself and killing them 30 s later, whether or not their
     checkpoint is written. The agent is told to leave those signals alone (TORCHELASTIC_SIGNALS_TO_HANDLE, unless
     the user set it); the workers then decide, by their own `save_on_signal`, what a signal means."""
-    import psutil
-
     forwarded = [signal.Signals[name] for name in ALLOWED if name != "SIGINT"]
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT,SIGQUIT")
 

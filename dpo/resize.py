@@ -31,7 +31,6 @@ a global batch that the new process count does not divide.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -42,6 +41,7 @@ from typing import Any, Callable, Iterator
 from accelerate.utils import DistributedType, set_seed
 
 from dpo.checkpoint import TOPOLOGY_FILE
+from dpo.distributed import to_universal_checkpoint
 from dpo.errors import UserError
 
 UNIVERSAL_PREFIX = ".tmp-universal-"  # a staging name: remove_stale_staging cleans what a killed resume left
@@ -179,16 +179,6 @@ def apply_plan(accelerator: Any, plan: RunPlan) -> None:
             config.setdefault("checkpoint", {})["load_universal"] = True
 
 
-def _to_universal(engine_folder: Path, target: Path, torch_load_guard: Callable[[], Any]) -> None:
-    """DeepSpeed's conversion, in this process (one worker: no child process escapes the tensors-only loads)."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    args = argparse.Namespace(input_folder=str(engine_folder), output_folder=str(target), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with torch_load_guard(), contextlib.redirect_stdout(None):
-        ds_to_universal(args)
-
-
 @contextlib.contextmanager
 def engine_state(accelerator: Any, resume_path: Path, plan: RunPlan, output_dir: Path, *,
                  torch_load_guard: Callable[[], Any]) -> Iterator[Path]:
@@ -201,7 +191,8 @@ def engine_state(accelerator: Any, resume_path: Path, plan: RunPlan, output_dir:
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        _to_universal(resume_path / DEEPSPEED_TAG, staging / DEEPSPEED_TAG, torch_load_guard)
+        with torch_load_guard(), contextlib.redirect_stdout(None):  # every file it reads: tensors only
+            to_universal_checkpoint(resume_path / DEEPSPEED_TAG, staging / DEEPSPEED_TAG)
     accelerator.wait_for_everyone()
     try:
         yield staging
