@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dpo import losses
+from dpo import losses, preemption
 from dpo.atomic import write_text_atomic
 from dpo.errors import UserError
 
@@ -104,6 +104,7 @@ class TrainConfig:
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
+    save_on_signal: str | list[str] = "SIGTERM,SIGUSR1"  # on these: finish the step, checkpoint, exit 75; none: off
     resume_allow_changes: bool = False  # resume even when settings that change the run differ from the checkpoint's
     overwrite_output_dir: bool = False  # a fresh run replaces an earlier run's checkpoints, metrics and final model
     use_wandb: bool = False  # also log to Weights & Biases (pip install wandb)
@@ -163,6 +164,10 @@ class TrainConfig:
         if (self.load_in_4bit or self.load_in_8bit) and not self.lora:
             raise ConfigError(f"{'load_in_4bit' if self.load_in_4bit else 'load_in_8bit'}: quantised weights cannot "
                               f"be fine-tuned in full; add --lora (QLoRA trains adapters on the quantised base)")
+        try:
+            preemption.parse_signals(self.save_on_signal)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._validate_objective()
 
     def _validate_objective(self) -> None:

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
+from dpo import resize
 from dpo.atomic import staged_folder
 from dpo.attention import resolve_for_run
 from dpo.config import TrainConfig, config_to_dict, load_config, save_config
@@ -43,6 +44,7 @@ from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import is_peft_model, load_policy
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
+from dpo.preemption import PreemptionSignals
 from dpo.progress import progress_bar
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
@@ -171,7 +173,7 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0; 2 with one line for a user error (bad config, path, checkpoint, layout, full disk); 3 when it
-    diverged."""
+    diverged; 75 when it stopped on a signal of `save_on_signal` after saving a checkpoint (requeue and resume)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
         print(format_help("python -m dpo.train", __doc__.split("\n\n")[0]), end="")
@@ -204,6 +206,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # The attention kernel this machine and model can run, or a one-line refusal (dpo/attention.py).
     cfg = resolve_for_run(cfg, device_type=accelerator.device.type, needs_backward=True)
     resume_path = validate_startup(cfg, log)  # nothing is written to out_dir before this passes
+    # The recipe's batch, or on a resume whatever keeps the checkpoint's global batch on this many processes.
+    plan = resize.plan_run(cfg, accelerator, resume_path, log=log)
+    batch_size, accumulation = plan.batch_size, plan.gradient_accumulation_steps
 
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
@@ -215,17 +220,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes
-    steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=cfg.batch_size, num_processes=world,
-                                                accumulation=cfg.gradient_accumulation_steps)
-    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=batch_size, num_processes=world,
+                                                accumulation=accumulation)
+    global_batch = batch_size * accumulation * world
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_ds)} training pairs cannot fill one global batch of {global_batch} "
-                        f"(batch_size {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+                        f"(batch_size {batch_size} x accumulation {accumulation} x "
                         f"{world} processes); lower batch_size or gradient_accumulation_steps")
     total_steps = total_optimizer_steps(cfg, steps_per_epoch)
     left_out = len(train_ds) - steps_per_epoch * global_batch
     log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "
-        f"{global_batch} = {cfg.batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {world} "
+        f"{global_batch} = {batch_size} per device x {accumulation} accumulation x {world} "
         f"processes; {steps_per_epoch} steps per epoch, {total_steps} steps")
     if left_out:
         log(f"[dpo] each epoch leaves out {left_out} pairs that do not fill a whole global batch "
@@ -262,7 +267,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     guard = DivergenceGuard([p for p in unwrapped_policy.parameters() if p.requires_grad], accelerator, log=log)
     state = ckpt.TrainerState()
     if resume_path:
-        state = ckpt.load_checkpoint(accelerator, resume_path, scheduler=scheduler)
+        with resize.engine_state(accelerator, resume_path, plan, out_dir,
+                                 torch_load_guard=lambda: ckpt.checkpoint_torch_load(accelerator)) as engine_dir:
+            state = ckpt.load_checkpoint(accelerator, resume_path, scheduler=scheduler, engine_state_dir=engine_dir,
+                                         restore_rng=not plan.resized)
+        if plan.resized:
+            resize.reseed(cfg.seed, state.step, accelerator.process_index)
         if cfg.sync_ref_model:  # TR-DPO: the reference has moved with the policy; restore it as saved
             load_reference(reference.model, resume_path, accelerator)
         if scheduler.base_lrs[0] != cfg.learning_rate:  # allowed by --resume_allow_changes
@@ -289,6 +299,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
         log(f"[dpo] eval_on_start: no step-0 evaluation when resuming at step {state.step}")
 
     # ---- the loop
+    topology = resize.current_topology(accelerator, plan)
+
+    def save(state: ckpt.TrainerState) -> None:
+        ckpt.save_checkpoint(accelerator, out_dir, state, scheduler=scheduler, run_config=resolved_config(cfg),
+                             save_total_limit=cfg.save_total_limit,
+                             topology=resize.topology_record(topology, state.step),
+                             save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
+                             if cfg.sync_ref_model else None)
+
+    # From here a signal of save_on_signal stops the run at the next step boundary, with a checkpoint.
+    stop = PreemptionSignals(cfg.save_on_signal)
     accumulator = MetricAccumulator(accelerator.device)
     # Redirected to a log file (clusters, CI), redraw at most every 30 s rather than 10 times a second.
     progress = progress_bar(total=total_steps, initial=state.step, enabled=accelerator.is_main_process)
@@ -296,10 +317,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     while state.step < total_steps and not state.stopped_early:
         epoch = state.step // steps_per_epoch
         micro_batches = train_micro_batches(
-            len(train_ds), batch_size=cfg.batch_size, num_processes=world, process_index=accelerator.process_index,
-            accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, epoch=epoch)
+            len(train_ds), batch_size=batch_size, num_processes=world, process_index=accelerator.process_index,
+            accumulation=accumulation, seed=cfg.seed, epoch=epoch)
         # A resumed run skips the micro-batches of this epoch that its checkpoint's steps already trained on.
-        trained_micro_batches = (state.step % steps_per_epoch) * cfg.gradient_accumulation_steps
+        trained_micro_batches = (state.step % steps_per_epoch) * accumulation
         for indices in micro_batches[trained_micro_batches:]:
             batch = collate([train_ds[i] for i in indices], None).to(accelerator.device)
             with accelerator.accumulate(policy):  # no gradient all-reduce until the step's last micro-batch
@@ -324,19 +345,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=state.step, log=log)
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                ckpt.save_checkpoint(accelerator, out_dir, state, scheduler=scheduler, run_config=resolved_config(cfg),
-                                     save_total_limit=cfg.save_total_limit,
-                                     save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
-                                     if cfg.sync_ref_model else None)
+            saved = cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps
+            if saved:
+                save(state)
+            if state.step < total_steps and not state.stopped_early and stop.agreed(accelerator):
+                if not saved:
+                    save(state)
+                progress.close()
+                writer.close()
+                raise stop.preempted(step=state.step, total_steps=total_steps, output_dir=out_dir)
             step_start = time.perf_counter()
             if state.step >= total_steps or state.stopped_early:
                 break
     progress.close()
 
-    # ---- final model
+    # ---- final model (a signal now is only recorded: the run finishes)
     save_final(accelerator, policy, tokenizer, cfg)
     writer.close()
+    stop.restore()
     log(f"[dpo] done at step {state.step}; final model in {out_dir / 'final'}")
     return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
 
