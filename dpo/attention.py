@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo.errors import UserError
 
@@ -47,8 +49,6 @@ def mask_form(implementation: str) -> str:
 def model_class_of(model_path: str, *, trust_remote_code: bool = False) -> type | None:
     """The transformers causal-LM class a model folder loads as (None when transformers does not know it: custom
     code, whose own checks then apply at load time)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError):
@@ -126,8 +126,6 @@ def prepare_kernel(implementation: str) -> None:
     """Process-wide settings an implementation needs before its first forward."""
     if implementation != "flex_attention":
         return
-    import torch._dynamo
-
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(config, name):

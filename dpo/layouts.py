@@ -341,14 +341,15 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
         what = "; ".join(f"{c.name}: {why}" for c, why in rejected)
         raise LayoutError(f"layout {candidates[0].name} is not exact for this model: {what}. Use --layout auto "
                           f"(the fastest exact layout) or --layout padded --prefix_sharing false")
-    message = (_message(chosen, rejected, spec, explicit) + f"; attention: {implementation}"
-               + f" [probe {time.perf_counter() - started:.2f} s]")
+    message = _message(chosen, rejected, spec, explicit, implementation)
+    message += f" [probe {time.perf_counter() - started:.2f} s]"
     return LayoutChoice(layout=chosen, attention=spec, message=message,
                         mask_form=attention_mask_form(implementation))
 
 
-def _message(chosen: Layout, rejected: list[tuple[Layout, str]], spec: AttentionSpec, explicit: bool) -> str:
-    line = f"[dpo] layout: {chosen.name}"
+def _message(chosen: Layout, rejected: list[tuple[Layout, str]], spec: AttentionSpec, explicit: bool,
+             implementation: str = "sdpa") -> str:
+    line = f"[dpo] layout: {chosen.name} on {implementation}"
     faster = [(c, why) for c, why in rejected if FASTEST_FIRST.index(c) < FASTEST_FIRST.index(chosen)]
     if faster:
         line += ": " + "; ".join(f"not {c.name}: {why}" for c, why in faster)

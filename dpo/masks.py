@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 # Branch codes of each position.
 PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
@@ -190,8 +191,6 @@ class SegmentMask:
         """BlockMask, or {layer type: BlockMask}. `mask_mod` replaces the rules (tests' negative controls only)."""
         if self._built is not None and mask_mod is None:
             return self._built
-        from torch.nn.attention.flex_attention import create_block_mask
-
         rows, width = self.segment.shape
         # Padded to whole blocks: kernels may evaluate the mask_mod on indices past T in the last block.
         padded = -(-width // BLOCK_SIZE) * BLOCK_SIZE

@@ -199,7 +199,7 @@ def test_flex_forward_equals_the_dense_path_and_the_probe_agrees(name, eager_fle
     flex_choice = choose_layout([twin], layout="auto", prefix_sharing=None, pad_token_id=0, max_tokens_per_row=2048,
                                 precise=True)
     assert flex_choice.layout == dense["default"].layout
-    assert flex_choice.mask_form == "block" and "attention: flex_attention" in flex_choice.message
+    assert flex_choice.mask_form == "block" and "on flex_attention" in flex_choice.message
     if exact_dense[0] != PADDED:
 
         def sees_everything_before(b, h, q_idx, kv_idx):
