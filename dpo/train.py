@@ -47,6 +47,7 @@ from dpo.models import is_peft_model, load_policy
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
 from dpo.progress import progress_bar
+from dpo.recipe_data import prepare_recipe_data
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 from dpo.startup import (
@@ -116,8 +117,22 @@ def build_optimizer(policy: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim == "rmsprop":  # TrainingArguments' rmsprop: torch's RMSprop at its defaults but the learning rate
+        return torch.optim.RMSprop([g for g in groups if g["params"]], lr=cfg.learning_rate)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def scheduler_name(cfg: TrainConfig) -> str:
+    if cfg.lr_scheduler == "cosine" and cfg.min_lr_rate:
+        return "cosine_with_min_lr"
+    return {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+
+
+def interval_steps(every: int | float, total_steps: int) -> int:
+    """Steps between two events: `every` itself, or for a share of the run (a float below 1) that share of the
+    total, rounded up (TrainingArguments' rule)."""
+    return math.ceil(every * total_steps) if isinstance(every, float) else every
 
 
 def total_optimizer_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -179,11 +194,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    cfg = prepare_recipe_data(cfg, accelerator, log)  # raw data named by the recipe: prepared once, cached
     resume_path = validate_startup(cfg, log)  # nothing is written to out_dir before this passes
 
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
-    eval_ds = load_split(cfg.data_path, "eval")
+    eval_ds = load_split(cfg.data_path, "eval") if cfg.do_eval else None
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -196,6 +212,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                         f"(batch_size {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
                         f"{world} processes); lower batch_size or gradient_accumulation_steps")
     total_steps = total_optimizer_steps(cfg, steps_per_epoch)
+    # Intervals given as a share of the run (TrainingArguments' floats below 1) become step counts.
+    log_every, eval_every, save_every = (interval_steps(v, total_steps)
+                                         for v in (cfg.logging_steps, cfg.eval_steps, cfg.save_steps))
     left_out = len(train_ds) - steps_per_epoch * global_batch
     log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "
         f"{global_batch} = {cfg.batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {world} "
@@ -211,8 +230,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     policy.train()
     optimizer = build_optimizer(policy, cfg)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                              scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_rate} if cfg.min_lr_rate else None)
     # The scheduler is stepped once per optimizer step by this loop (Accelerate's wrapper would step it once per
     # process); checkpoints carry its state as JSON (dpo/checkpoint.py), never as a pickle.
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -287,14 +306,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             # refresh=False: the redraw waits for the bar's interval (dpo/progress.py) instead of every step.
             progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
                                  refresh=False)
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            if state.step % log_every == 0 or state.step == total_steps:
                 writer.write(state.step, "train", step_metrics)
-            if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
+            if eval_ds is not None and ((eval_every and state.step % eval_every == 0)
                                         or state.step == total_steps):
                 last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator)
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
+            if save_every and state.step % save_every == 0 and state.step < total_steps:
                 ckpt.save_checkpoint(accelerator, out_dir, state, scheduler=scheduler, run_config=resolved_config(cfg),
                                      save_total_limit=cfg.save_total_limit,
                                      save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
