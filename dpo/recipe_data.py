@@ -37,14 +37,15 @@ from typing import Any
 import numpy as np
 
 from dpo.atomic import write_text_atomic
+from dpo.config import ConfigError
 from dpo.errors import UserError
 
 RECORD_NAME = "recipe_data.json"
 DEFAULT_MAX_LENGTH = 1024
 
 
-class MixtureError(UserError):
-    label = "config error"
+class MixtureError(ConfigError):
+    """A dataset_mixture that cannot be read as written."""
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,8 @@ IGNORED: dict[str, str] = {
                      "liger_kernel_config", "use_liger_kernel", "train_sampling_strategy"),
                    "batching, kernels and loaders are this project's own"),
     **dict.fromkeys(("ddp_backend", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
-                     "ddp_find_unused_parameters", "ddp_static_graph"), "distribution comes from the accelerate config"),
+                     "ddp_find_unused_parameters", "ddp_static_graph"),
+                    "distribution comes from the accelerate config"),
 }
 
 
@@ -445,16 +446,42 @@ def warning_line(ignored: list[str]) -> str | None:
 
 
 def markdown_table() -> str:
-    """The README's alias table: TRL name, our field(s), an example, what differs."""
+    """The README's "Coming from TRL" tables: aliases with an example each, then the names that are ours as they
+    are, the ignored ones and the refused values."""
+    from dpo.config import TrainConfig  # here: dpo.config imports this module
     rows = ["| TRL / alignment-handbook | ours | example | what differs |", "|---|---|---|---|"]
     for name, alias in ALIASES.items():
         value, ours = alias.example
-        example = f"`{name}: {_short(value)}` -> " + (", ".join(f"`{k}: {_short(v)}`" for k, v in ours.items())
-                                                       or "(honoured as is)")
+        fields = ", ".join(f"`{k}: {_short(v)}`" for k, v in ours.items())
+        example = f"`{name}: {_short(value)}` -> {fields or '(honoured as is)'}"
         rows.append(f"| `{name}` | `{alias.ours}` | {example} | {alias.note} |")
+    own_fields = {f.name for f in dataclasses.fields(TrainConfig)} | OWN_SOON
+    own = sorted(own_fields & TRL_NAMES - set(ALIASES))
+    rows += ["", f"Ours as they are (same name, same meaning): {', '.join(f'`{n}`' for n in own)}.", "",
+             f"Ignored, listed in the start-up warning: {', '.join(f'`{n}`' for n in sorted(IGNORED))}.", "",
+             "| refused unless the value is what this project does | why |", "|---|---|"]
+    rows += [f"| `{name}` | {why} |" for name, (_, why) in sorted(REFUSED.items()) if name not in own_fields]
     return "\n".join(rows)
 
 
 def _short(value: Any) -> str:
-    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, (dict, list)):
+        import yaml
+        text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    else:
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     return text if len(text) <= 48 else text[:45] + "..."
+
+
+# Our own fields on their way from other branches (issues 19 and 26); until then REFUSED's entries stand in.
+OWN_SOON = frozenset({"attn_implementation", "eval_on_start"})
+# TRL 1.16's and alignment-handbook's names that are also ours (for the README; tests/test_trl_names.py walks TRL).
+TRL_NAMES = frozenset({
+    "output_dir", "run_name", "seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "max_steps", "warmup_ratio", "gradient_accumulation_steps", "gradient_checkpointing",
+    "logging_steps", "save_total_limit", "overwrite_output_dir", "beta", "loss_type", "loss_weights",
+    "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "ld_alpha", "discopop_tau",
+    "rpo_alpha", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "lora_r", "lora_alpha",
+    "lora_dropout", "load_in_4bit", "load_in_8bit", "trust_remote_code", "max_length", "max_prompt_length",
+    "dataset_num_proc", "dataset_mixture", "attn_implementation", "eval_on_start", "simpo_gamma",
+})

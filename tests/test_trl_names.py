@@ -89,7 +89,8 @@ def test_trl_defaults_are_honoured_or_listed(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("[dpo] warning:")
     listed = set(err[0].split(": ", 2)[2].split(" (README")[0].split(", "))
     expected = {k for k in recipe if k in trl_names.IGNORED}
-    expected |= {k for k in recipe if k in trl_names.ALIASES and trl_names.ALIASES[k].convert(recipe[k], recipe) is None}
+    expected |= {k for k in recipe
+                 if k in trl_names.ALIASES and trl_names.ALIASES[k].convert(recipe[k], recipe) is None}
     assert listed == expected
 
 
@@ -215,8 +216,8 @@ def test_rmsprop_is_training_arguments_rmsprop(tmp_path):
 def test_mixer_and_dataset_name_become_a_mixture(tmp_path):
     mixer = parse(tmp_path, {"dataset_mixer": {"a/": 1.0, "b/": 0.5}, "dataset_splits": ["train_prefs", "test_prefs"]})
     assert mixer.dataset_mixture == {
-        "datasets": [{"id": "a/", "split": "train_prefs", "weight": 1.0}, {"id": "b/", "split": "train_prefs",
-                                                                         "weight": 0.5}],
+        "datasets": [{"id": "a/", "split": "train_prefs", "weight": 1.0},
+                     {"id": "b/", "split": "train_prefs", "weight": 0.5}],
         "eval_datasets": [{"id": "a/", "split": "test_prefs"}, {"id": "b/", "split": "test_prefs"}]}
     named = parse(tmp_path, {"dataset_name": "uf/", "dataset_config": "default", "dataset_train_split": "train_prefs",
                              "dataset_test_split": "test_prefs"})

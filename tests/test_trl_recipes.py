@@ -1,0 +1,174 @@
+"""alignment-handbook's DPO recipes (tests/fixtures/alignment_handbook/, verbatim) train as they are.
+
+Only what points outside this machine is changed: `model_name_or_path` and the dataset ids become local copies (a
+tiny Llama; datasets with the real ones' splits and columns, as `save_to_disk` folders and a Hub-style Parquet
+folder), and the command line adds the run's own `--output_dir`, `--data_cache_dir`, `--max_steps 2` and, to keep
+the evaluation of the recipes' 500-3,000 held-out pairs to a few forwards, `--per_device_eval_batch_size 128`; plus
+the machine's facts: no flash-attention kernel on a CPU (`--attn_implementation sdpa`), and on an install without
+wandb / bitsandbytes, `--report_to tensorboard` / `--load_in_4bit false`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import Dataset, DatasetDict
+
+from builders import make_model_dir, make_tokenizer
+from dpo.config import load_config
+from dpo.metrics import read_metrics
+from dpo.recipe_data import RECORD_NAME
+from dpo.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "tests" / "fixtures" / "alignment_handbook").glob("*.yaml"))
+# dataset id -> {split: rows}; the larger test_split_size of the recipes (3000) needs that many mixed rows.
+SPLITS = {
+    "HuggingFaceH4/ultrafeedback_binarized": {"train_prefs": 1100, "test_prefs": 1000},
+    "HuggingFaceH4/cai-conversation-harmless": {"train_prefs": 500, "test_prefs": 500},
+    "HuggingFaceH4/orca_dpo_pairs": {"train_prefs": 400, "test_prefs": 200},
+    "argilla/dpo-mix-7k": {"train": 500, "test": 100},
+    "HuggingFaceTB/smoltalk2": {"llama_3.1_tulu_3_8b_preference_mixture_no_think": 60,
+                                "tulu_3_8b_pref_mix_Qwen3_32B_Qwen3_0.6B_think": 60},
+}
+
+
+def conversation(rng: random.Random, a: int, b: int, answer: int) -> tuple[str, list[dict], list[dict]]:
+    prompt = f"what is {a} plus {b}?"
+    user = {"role": "user", "content": prompt}
+    wrong = answer + rng.choice([-2, -1, 1, 2])
+    return prompt, [user, {"role": "assistant", "content": f"the answer is {answer}."}], \
+        [user, {"role": "assistant", "content": f"the answer is {wrong}."}]
+
+
+def rows(dataset_id: str, n: int, seed: int) -> list[dict]:
+    """Rows with the real dataset's columns (the ones the recipes read and a few they do not)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(0, 29), rng.randint(0, 29)
+        prompt, chosen, rejected = conversation(rng, a, b, a + b)
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if dataset_id.endswith("ultrafeedback_binarized"):
+            row.update(prompt_id=f"{seed}-{i}", messages=chosen, score_chosen=8.0, score_rejected=3.0)
+        elif dataset_id.endswith("cai-conversation-harmless"):
+            row.update(init_prompt=prompt, init_response="no.", revision_response=chosen[1]["content"])
+        elif dataset_id.endswith("dpo-mix-7k"):
+            row = {"dataset": "toy", "chosen": chosen, "rejected": rejected, "chosen_rating": 5.0,
+                   "rejected_rating": 1.0}
+        elif dataset_id.endswith("smoltalk2"):
+            row["chat_template_kwargs"] = {"enable_thinking": False}
+        out.append(row)
+    return out
+
+
+def make_datasets(root: Path) -> dict[str, Path]:
+    """Local copies: ultrafeedback as a Hub-style Parquet folder, the others `save_to_disk`; smoltalk2's config
+    Preference as a sub-folder."""
+    paths = {}
+    for number, (dataset_id, splits) in enumerate(SPLITS.items()):
+        folder = root / dataset_id.replace("/", "__")
+        tables = {split: Dataset.from_list(rows(dataset_id, n, seed=97 * number + i))
+                  for i, (split, n) in enumerate(splits.items())}
+        if dataset_id.endswith("ultrafeedback_binarized"):
+            (folder / "data").mkdir(parents=True)
+            for split, table in tables.items():
+                table.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+        else:
+            DatasetDict(tables).save_to_disk(str(folder / "Preference" if dataset_id.endswith("smoltalk2")
+                                                 else folder))
+        paths[dataset_id] = folder
+    return paths
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("handbook")
+    model = make_model_dir(root / "model", make_tokenizer(), seed=0)
+    return {"model": model, "datasets": make_datasets(root / "datasets"), "root": root}
+
+
+def localised(recipe: Path, local: dict, folder: Path) -> Path:
+    """The recipe's text with its model and dataset ids replaced by the local copies; nothing else changed."""
+    text = recipe.read_text()
+    model = yaml.safe_load(text)["model_name_or_path"]
+    text = text.replace(f"model_name_or_path: {model}", f"model_name_or_path: {local['model']}")
+    for dataset_id, path in local["datasets"].items():
+        text = text.replace(f"id: {dataset_id}\n", f"id: {path}\n").replace(f"  {dataset_id}: ", f"  {path}: ")
+    path = folder / recipe.name
+    path.write_text(text)
+    return path
+
+
+def machine_facts() -> list[str]:
+    # No flash-attention kernel on a CPU; a few eval forwards for thousands of held-out pairs.
+    facts = ["--attn_implementation", "sdpa", "--per_device_eval_batch_size", "128"]
+    if importlib.util.find_spec("wandb") is None:
+        facts += ["--report_to", "tensorboard"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        facts += ["--load_in_4bit", "false"]
+    return facts
+
+
+def dpo_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("[dpo] warning")]
+
+
+@pytest.mark.slow
+def test_every_handbook_recipe_trains_two_steps(local, tmp_path, capsys):
+    """Each recipe: prepared from its mixture, 2 optimizer steps, a final model, at most one warning line; the
+    recipes that share a mixture and prep options share one prepared folder."""
+    assert len(RECIPES) == 10
+    cache = tmp_path / "cache"
+    prepared: dict[str, str] = {}
+    for recipe in RECIPES:
+        path = localised(recipe, local, tmp_path)
+        out = tmp_path / "runs" / recipe.stem
+        argv = ["--config", str(path), "--output_dir", str(out), "--data_cache_dir", str(cache), "--max_steps", "2",
+                *machine_facts()]
+        capsys.readouterr()
+        train(load_config(argv))
+        captured = capsys.readouterr()
+        assert len(dpo_warnings(captured.err)) <= 1, (recipe.name, dpo_warnings(captured.err))
+        assert [r["step"] for r in read_metrics(out) if r["split"] == "train"][-1] == 2, recipe.name
+        assert (out / "final").is_dir(), recipe.name
+        line = next(line for line in captured.out.splitlines() if line.startswith("[dpo] data: "))
+        entry = line.split()[3]
+        assert line.startswith(("[dpo] data: prepared", "[dpo] data: reused")), line
+        if line.startswith("[dpo] data: reused"):
+            assert entry in prepared.values(), (recipe.name, line)
+        prepared[recipe.name] = entry
+        record = json.loads((Path(entry) / RECORD_NAME).read_text())
+        evals = [r for r in read_metrics(out) if r["split"] == "eval"]
+        assert bool(evals) == (record["pairs_written"]["eval"] > 0), recipe.name
+    same = {prepared["zephyr-7b-beta__config_full.yaml"], prepared["pref_align_scan__config_zephyr.yaml"]}
+    assert len(same) == 1  # the same mixture, tokenizer and lengths: prepared once
+    assert len(set(prepared.values())) < len(prepared)
+
+
+@pytest.mark.slow
+def test_launch_sh_twice_prepares_once(local, tmp_path):
+    """One command from raw data to a model, twice: the second run reuses the prepared data."""
+    recipe = localised(ROOT / "tests/fixtures/alignment_handbook/zephyr-7b-gemma__config_full.yaml", local, tmp_path)
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", DPO_DATA_CACHE=str(tmp_path / "cache"))
+    lines = []
+    for run in ("a", "b"):
+        done = subprocess.run(["./launch.sh", "train", "--config", str(recipe), "--output_dir", str(tmp_path / run),
+                               "--max_steps", "2", *machine_facts()], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(dpo_warnings(done.stderr)) == 1
+        lines.append(next(line for line in done.stdout.splitlines() if line.startswith("[dpo] data: ")))
+        assert (tmp_path / run / "final").is_dir()
+    assert lines[0].startswith("[dpo] data: prepared ") and lines[1].startswith("[dpo] data: reused ")
+    assert lines[0].split()[3] == lines[1].split()[3]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
