@@ -315,7 +315,7 @@ IGNORED: dict[str, str] = {
                      "debug", "enable_jit_checkpoint", "save_on_each_node", "save_only_model", "ignore_data_skip",
                      "restore_callback_states_from_checkpoint", "torch_compile_backend", "torch_compile_mode",
                      "liger_kernel_config", "use_liger_kernel", "train_sampling_strategy"),
-                   "batching, kernels and loaders are this project's own"),
+                    "batching, kernels and loaders are this project's own"),
     **dict.fromkeys(("ddp_backend", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
                      "ddp_find_unused_parameters", "ddp_static_graph"),
                     "distribution comes from the accelerate config"),
