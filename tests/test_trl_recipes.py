@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -154,21 +151,5 @@ def test_every_handbook_recipe_trains_two_steps(local, tmp_path, capsys):
     assert len(set(prepared.values())) < len(prepared)
 
 
-@pytest.mark.slow
-def test_launch_sh_twice_prepares_once(local, tmp_path):
-    """One command from raw data to a model, twice: the second run reuses the prepared data."""
-    recipe = localised(ROOT / "tests/fixtures/alignment_handbook/zephyr-7b-gemma__config_full.yaml", local, tmp_path)
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", DPO_DATA_CACHE=str(tmp_path / "cache"))
-    lines = []
-    for run in ("a", "b"):
-        done = subprocess.run(["./launch.sh", "train", "--config", str(recipe), "--output_dir", str(tmp_path / run),
-                               "--max_steps", "2", *machine_facts()], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert len(dpo_warnings(done.stderr)) == 1
-        lines.append(next(line for line in done.stdout.splitlines() if line.startswith("[dpo] data: ")))
-        assert (tmp_path / run / "final").is_dir()
-    assert lines[0].startswith("[dpo] data: prepared ") and lines[1].startswith("[dpo] data: reused ")
-    assert lines[0].split()[3] == lines[1].split()[3]
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+# `./launch.sh train --config RECIPE` twice, first with 2 processes (the main one prepares, the other waits), then
+# with one that reuses the data: tests/test_readme.py::test_trl_recipe, which runs the README's two commands.
