@@ -102,13 +102,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about one more forward
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only for folders you trust)
     # --- logging, evaluation, checkpoints
-    logging_steps: int | float = 1  # write train metrics every N optimizer steps (a float < 1: that share of the run)
-    eval_steps: int | float = 0  # 0: evaluate only at the end (a float < 1: every that share of the run)
+    logging_steps: int | float | str = 1  # write train metrics every N steps (float < 1: share of the run; epoch)
+    eval_steps: int | float | str = 0  # 0: evaluate only at the end (float < 1: every that share of the run; epoch)
     do_eval: bool = True  # false: no evaluation, even when the data has an eval split
     max_logratio: float | None = None  # warn when |eval logratio/chosen| exceeds this (drift from the reference)
     early_stopping_patience: int | None = None  # evaluations without improvement of eval loss
     early_stopping_min_delta: float = 0.0  # a smaller fall of the eval loss is no improvement
-    save_steps: int | float = 0  # 0: no intermediate checkpoints (a float < 1: every that share of the run)
+    save_steps: int | float | str = 0  # 0: no intermediate checkpoints (float < 1: share of the run; epoch)
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
     resume_allow_changes: bool = False  # resume even when settings that change the run differ from the checkpoint's
@@ -140,12 +140,14 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)!r}")
         for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps", "eval_steps",
                     "save_steps"):
-            if getattr(self, key) < 0:
+            if not isinstance(getattr(self, key), str) and getattr(self, key) < 0:  # "epoch": checked below
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
         for key in ("logging_steps", "eval_steps", "save_steps"):
             value = getattr(self, key)
             if isinstance(value, float) and not 0 < value < 1:
                 raise ConfigError(f"{key}: a float must be a share of the run in (0, 1), got {value!r}")
+            if isinstance(value, str) and value != "epoch":
+                raise ConfigError(f"{key}: a number of steps, a share of the run below 1, or epoch; got {value!r}")
         if not 0 <= self.min_lr_rate < 1:
             raise ConfigError(f"min_lr_rate: must be in [0, 1), got {self.min_lr_rate!r}")
         if self.min_lr_rate and self.lr_scheduler != "cosine":
@@ -256,7 +258,9 @@ def _coerce(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
         if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
             return value
         raise ConfigError(f"{key}: expected a name or a non-empty list of names, got {value!r}")
-    if set(typing.get_args(tp)) == {int, float}:  # a step count, or a share of the run below 1
+    if set(typing.get_args(tp)) == {int, float, str}:  # a step count, a share of the run below 1, or "epoch"
+        if value == "epoch":
+            return value
         number = _coerce(key, value, float, from_cli=from_cli)
         return int(number) if number.is_integer() else number
     inner, optional = _strip_optional(tp)

@@ -129,10 +129,12 @@ def scheduler_name(cfg: TrainConfig) -> str:
     return {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
 
 
-def interval_steps(every: int | float, total_steps: int) -> int:
-    """Steps between two events: `every` itself, or for a share of the run (a float below 1) that share of the
-    total, rounded up (TrainingArguments' rule)."""
-    return math.ceil(every * total_steps) if isinstance(every, float) else every
+def interval_steps(every: int | float | str, total_steps: int, steps_per_epoch: int) -> int:
+    """Steps between two events: `every` itself; for a share of the run (a float below 1) that share of the total,
+    rounded up (TrainingArguments' rule); for "epoch" the optimizer steps of one epoch."""
+    if every == "epoch":
+        return steps_per_epoch
+    return math.ceil(every * total_steps) if isinstance(every, float) else int(every)
 
 
 def total_optimizer_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -213,7 +215,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                         f"{world} processes); lower batch_size or gradient_accumulation_steps")
     total_steps = total_optimizer_steps(cfg, steps_per_epoch)
     # Intervals given as a share of the run (TrainingArguments' floats below 1) become step counts.
-    log_every, eval_every, save_every = (interval_steps(v, total_steps)
+    log_every, eval_every, save_every = (interval_steps(v, total_steps, steps_per_epoch)
                                          for v in (cfg.logging_steps, cfg.eval_steps, cfg.save_steps))
     left_out = len(train_ds) - steps_per_epoch * global_batch
     log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "

@@ -97,13 +97,14 @@ def _scheduler_kwargs(value: Any, src: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _strategy(kind: str) -> Converter:
-    """eval_strategy / save_strategy: steps (at *_steps, TrainingArguments' default 500) or no."""
+    """eval_strategy / save_strategy: steps (at *_steps, TrainingArguments' default 500), epoch or no."""
     def convert(value: Any, src: Mapping[str, Any]) -> dict[str, Any]:
-        if value not in ("steps", "no"):
-            raise Refusal(f"{value!r} is not available: use 'steps' with {kind}_steps (the log prints the steps per "
-                          f"epoch), or 'no'")
+        if value not in ("steps", "epoch", "no"):
+            raise Refusal(f"{value!r} is not available: use steps, epoch or no")
         if kind == "save":
-            return {"save_steps": src.get("save_steps", 500) if value == "steps" else 0}
+            return {"save_steps": {"steps": src.get("save_steps", 500), "epoch": "epoch", "no": 0}[value]}
+        if value == "epoch":
+            return {"eval_steps": "epoch", "do_eval": True}
         if value == "no":  # alignment-handbook still evaluates once at the end when do_eval is true
             return {"eval_steps": 0, "do_eval": bool(src.get("do_eval", False))}
         return {"eval_steps": src.get("eval_steps", src.get("logging_steps", 500)), "do_eval": True}
@@ -118,9 +119,11 @@ def _unless_strategy(field: str, strategy: str) -> Converter:
 def _logging_strategy(value: Any, _src: Mapping[str, Any]) -> dict[str, Any] | None:
     if value == "steps":
         return {}
+    if value == "epoch":
+        return {"logging_steps": "epoch"}
     if value == "no":
         return None  # metrics are still written every logging_steps
-    raise Refusal(f"{value!r} is not available: use 'steps' with logging_steps")
+    raise Refusal(f"{value!r} is not available: use steps, epoch or no")
 
 
 def _report_to(value: Any, _src: Mapping[str, Any]) -> dict[str, Any]:
@@ -239,17 +242,17 @@ ALIASES: dict[str, Alias] = {
     "warmup_steps": Alias("warmup_steps, warmup_ratio", _warmup_steps, (0.25, {"warmup_ratio": 0.25}),
                           "a float below 1 is a ratio (TrainingArguments 5)"),
     "eval_strategy": Alias("eval_steps, do_eval", _strategy("eval"), ("no", {"eval_steps": 0, "do_eval": False}),
-                           "steps or no ('epoch': give eval_steps); no + do_eval: true evaluates once at the end"),
+                           "steps, epoch or no; no + do_eval: true evaluates once at the end"),
     "eval_steps": Alias("eval_steps", _unless_strategy("eval_steps", "eval_strategy"), (7, {"eval_steps": 7}),
                         "a float below 1 is a fraction of the run's steps"),
     "do_eval": Alias("do_eval", _unless_strategy("do_eval", "eval_strategy"), (False, {"do_eval": False}),
                      flag=True),
     "save_strategy": Alias("save_steps", _strategy("save"), ("no", {"save_steps": 0}),
-                           "steps or no ('epoch', 'best': give save_steps)"),
+                           "steps, epoch or no ('best' is refused: final/ is the last step's model)"),
     "save_steps": Alias("save_steps", _unless_strategy("save_steps", "save_strategy"), (0.5, {"save_steps": 0.5}),
                         "a float below 1 is a fraction of the run's steps"),
     "logging_strategy": Alias("logging_steps", _logging_strategy, ("steps", {}),
-                              "steps; 'no' is ignored (metrics are written every logging_steps)"),
+                              "steps or epoch; 'no' is ignored (metrics are written every logging_steps)"),
     "report_to": Alias("use_wandb", _report_to, (["tensorboard", "wandb"], {"use_wandb": True}),
                        "TensorBoard is always written"),
     "use_peft": Alias("lora", _rename("lora"), (True, {"lora": True}), flag=True),

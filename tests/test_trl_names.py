@@ -115,7 +115,7 @@ def test_nothing_printed_without_ignored_keys(tmp_path, capsys):
     ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type"),
     ({"lr_scheduler_type": "cosine_with_min_lr"}, "needs lr_scheduler_kwargs"),
     ({"lr_scheduler_type": "constant", "warmup_ratio": 0.1}, "warm-up"),
-    ({"eval_strategy": "epoch"}, "eval_strategy: 'epoch'"),
+    ({"eval_strategy": "best"}, "eval_strategy: 'best'"),
     ({"save_strategy": "best"}, "save_strategy"),
     ({"report_to": ["mlflow"]}, "mlflow"),
     ({"max_completion_length": 256}, "max_completion_length"),
@@ -166,8 +166,14 @@ def test_fractional_intervals_resolve_like_training_arguments(tmp_path):
     """TrainingArguments: a float below 1 is that share of max_steps, rounded up."""
     cfg = parse(tmp_path, {"save_steps": 0.5, "eval_steps": 0.25, "logging_steps": 3})
     assert (cfg.save_steps, cfg.eval_steps, cfg.logging_steps) == (0.5, 0.25, 3)
-    assert [interval_steps(v, 10) for v in (cfg.save_steps, cfg.eval_steps, cfg.logging_steps)] == [5, 3, 3]
-    assert interval_steps(0.5, 3) == 2
+    assert [interval_steps(v, 10, 4) for v in (cfg.save_steps, cfg.eval_steps, cfg.logging_steps)] == [5, 3, 3]
+    assert interval_steps(0.5, 3, 3) == 2
+    epoch = parse(tmp_path, {"eval_strategy": "epoch", "save_strategy": "epoch", "logging_strategy": "epoch"})
+    assert (epoch.eval_steps, epoch.save_steps, epoch.logging_steps, epoch.do_eval) == ("epoch",) * 3 + (True,)
+    assert interval_steps(epoch.save_steps, 10, 4) == 4
+    assert load_config(["--save_steps", "epoch"]).save_steps == "epoch"
+    with pytest.raises(ConfigError, match="or epoch"):
+        TrainConfig(save_steps="epochs")
     with pytest.raises(ConfigError, match="share of the run"):
         parse(tmp_path, {"save_steps": 1.5})
     assert parse(tmp_path, {"save_steps": 100.0}).save_steps == 100  # a whole number stays a step count
