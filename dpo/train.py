@@ -201,8 +201,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
 
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
-    eval_ds = load_split(cfg.data_path, "eval") if cfg.do_eval else None
+    eval_ds = load_split(cfg.data_path, "eval")
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
+    eval_ds = eval_ds if cfg.do_eval else None  # checked with the rest of the data, not evaluated
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes

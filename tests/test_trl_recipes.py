@@ -153,3 +153,22 @@ def test_every_handbook_recipe_trains_two_steps(local, tmp_path, capsys):
 
 # `./launch.sh train --config RECIPE` twice, first with 2 processes (the main one prepares, the other waits), then
 # with one that reuses the data: tests/test_readme.py::test_trl_recipe, which runs the README's two commands.
+
+
+def test_trl_intervals_in_a_run(tmp_path):
+    """TrainingArguments' interval forms drive a real run: 8 pairs, batch 4 -> 2 steps per epoch, 4 steps in all.
+    logging_strategy epoch logs steps 2 and 4; eval_steps 0.5 (ceil(0.5 x 4) = 2) evaluates at 2 and 4; save_strategy
+    epoch checkpoints at 2 (step 4 is the final model, not a checkpoint); do_eval false evaluates nothing."""
+    from builders import make_data_dir
+    tokenizer = make_tokenizer()
+    model = make_model_dir(tmp_path / "model", tokenizer, seed=0)
+    data = make_data_dir(tmp_path / "data", tokenizer, n_train=8, n_eval=4)
+    common = ["--model_name_or_path", str(model), "--data_path", str(data), "--per_device_train_batch_size", "4",
+              "--max_steps", "4", "--logging_strategy", "epoch", "--eval_steps", "0.5", "--save_strategy", "epoch"]
+    train(load_config([*common, "--output_dir", str(tmp_path / "run")]))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    train(load_config([*common, "--output_dir", str(tmp_path / "quiet"), "--do_eval", "false"]))
+    assert [r for r in read_metrics(tmp_path / "quiet") if r["split"] == "eval"] == []
