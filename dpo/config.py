@@ -23,6 +23,7 @@ import yaml
 from dpo import losses, trl_names
 from dpo.atomic import write_text_atomic
 from dpo.errors import UserError
+from dpo.mixture import MixtureError, parse_mixture
 from dpo.trl_names import Translation
 
 
@@ -155,8 +156,10 @@ class TrainConfig:
         if self.dataset_mixture is not None and self.data_path:
             raise ConfigError("dataset_mixture and data_path: give one (raw data to prepare, or a prepared folder)")
         if self.dataset_mixture is not None:
-            from dpo.recipe_data import parse_mixture  # here, not at the top: it reads the data, the config doesn't
-            parse_mixture(self.dataset_mixture)
+            try:
+                parse_mixture(self.dataset_mixture)
+            except MixtureError as error:
+                raise ConfigError(str(error)) from None
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -30,88 +30,27 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 
+import data_prep
+from data_prep import prepare as data_prep_run
+from data_prep.formats import BadRecordError, InputError
+from data_prep.outputs import OutputError
+from data_prep.sources import TRAIN_SPLITS, ColumnMap, open_input
+from data_prep.tokenizer_source import load_tokenizer
 from dpo.atomic import write_text_atomic
-from dpo.config import ConfigError
+from dpo.contract import tokenizer_sha256
 from dpo.errors import UserError
+from dpo.fingerprint import file_sha256
+from dpo.mixture import Mixture, MixtureError, SourceSpec, parse_mixture
+from dpo.startup import check_output_dir
 
 RECORD_NAME = "recipe_data.json"
 DEFAULT_MAX_LENGTH = 1024
-
-
-class MixtureError(ConfigError):
-    """A dataset_mixture that cannot be read as written."""
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    id: str
-    split: str | None
-    config: str | None = None
-    columns: tuple[str, ...] | None = None
-    weight: float | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.id}[{self.split or 'default split'}]"
-
-
-@dataclass(frozen=True)
-class Mixture:
-    datasets: tuple[SourceSpec, ...]
-    eval_datasets: tuple[SourceSpec, ...] = ()
-    test_split_size: float | None = None
-    seed: int = 0
-
-
-def _source(entry: Any, where: str, *, weighted: bool) -> SourceSpec:
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("id"), str) or not entry["id"]:
-        raise MixtureError(f"{where}: expected a mapping with an id (a local dataset folder, file or name)")
-    unknown = set(entry) - {"id", "config", "split", "columns", "weight"}
-    if unknown:
-        raise MixtureError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-    columns = entry.get("columns")
-    if columns is not None and not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
-        raise MixtureError(f"{where}.columns: expected a list of column names")
-    weight = entry.get("weight")
-    if weight is not None:
-        if not weighted:
-            raise MixtureError(f"{where}.weight: eval_datasets are held out whole")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
-            raise MixtureError(f"{where}.weight: must be in (0, 1] (the share of its rows kept), got {weight!r}")
-    return SourceSpec(entry["id"], entry.get("split"), entry.get("config"),
-                      tuple(columns) if columns is not None else None, None if weight is None else float(weight))
-
-
-def parse_mixture(value: Any) -> Mixture:
-    """The mixture, checked: every refusal names the key."""
-    if not isinstance(value, Mapping):
-        raise MixtureError("dataset_mixture: expected a mapping with datasets")
-    unknown = set(value) - {"datasets", "eval_datasets", "test_split_size", "seed"}
-    if unknown:
-        raise MixtureError(f"dataset_mixture: unknown keys {', '.join(sorted(unknown))}")
-    train = value.get("datasets")
-    if not isinstance(train, list) or not train:
-        raise MixtureError("dataset_mixture.datasets: expected a non-empty list")
-    held = value.get("eval_datasets") or []
-    if not isinstance(held, list):
-        raise MixtureError("dataset_mixture.eval_datasets: expected a list")
-    size = value.get("test_split_size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0
-                             or (isinstance(size, float) and size >= 1 and not size.is_integer())):
-        raise MixtureError(f"dataset_mixture.test_split_size: rows (>= 1) or a share in (0, 1), got {size!r}")
-    seed = value.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise MixtureError(f"dataset_mixture.seed: expected an integer, got {seed!r}")
-    return Mixture(tuple(_source(e, f"dataset_mixture.datasets[{i}]", weighted=True) for i, e in enumerate(train)),
-                   tuple(_source(e, f"dataset_mixture.eval_datasets[{i}]", weighted=False)
-                         for i, e in enumerate(held)),
-                   None if size is None else float(size), seed)
 
 
 # ------------------------------------------------------------------------------------------ reading the rows
@@ -130,8 +69,6 @@ def _input_name(spec: SourceSpec) -> str:
 
 def read_rows(spec: SourceSpec) -> list[dict[str, Any]]:
     """Every row of one source (its chosen split), limited to its `columns`."""
-    from data_prep.formats import InputError
-    from data_prep.sources import TRAIN_SPLITS, ColumnMap, open_input
     name = _input_name(spec)
     try:
         sources = open_input(name, spec.split, TRAIN_SPLITS, ColumnMap())
@@ -168,7 +105,6 @@ def held_out(total: int, size: float | None, seed: int) -> set[int]:
 
 
 def _path_digest(name: str) -> str:
-    from dpo.fingerprint import file_sha256
     path = Path(name)
     if path.is_file():
         return file_sha256(path)
@@ -181,7 +117,6 @@ def _path_digest(name: str) -> str:
 
 
 def _code_digest() -> str:
-    import data_prep
     digest = hashlib.sha256()
     for file in sorted(Path(data_prep.__file__).parent.glob("*.py")):
         digest.update(file.read_bytes())
@@ -246,7 +181,6 @@ def materialise(mixture: Mixture, folder: Path) -> list[dict[str, Any]]:
 def _pairs_per_file(entry: Path, files: list[dict[str, Any]]) -> None:
     """Each file's written pairs, from the source_index column (the record's number among its split's records,
     in input order)."""
-    import datasets
     for split in ("train", "eval"):
         mine = [f for f in files if f["split"] == split]
         if not mine:
@@ -260,9 +194,6 @@ def _pairs_per_file(entry: Path, files: list[dict[str, Any]]) -> None:
 
 def prepare(cfg: Any, mixture: Mixture, entry: Path, tokenizer_hash: str) -> dict[str, Any]:
     """Run data prep on the mixture into `entry`; returns the record written beside its report."""
-    from data_prep import prepare as data_prep
-    from data_prep.formats import BadRecordError, InputError
-    from data_prep.outputs import OutputError
     raw = entry.with_name(f".raw-{entry.name}")
     shutil.rmtree(raw, ignore_errors=True)
     raw.mkdir(parents=True)
@@ -276,7 +207,7 @@ def prepare(cfg: Any, mixture: Mixture, entry: Path, tokenizer_hash: str) -> dic
                  "--num_proc", str(cfg.dataset_num_proc or 1)]
         notes: list[str] = []
         try:
-            report = data_prep.run(data_prep.parse_args(argv), notes)
+            report = data_prep_run.run(data_prep_run.parse_args(argv), notes)
         except (InputError, OutputError, BadRecordError) as error:
             raise UserError(f"data prep of the recipe's dataset_mixture: {error}") from None
     finally:
@@ -307,9 +238,6 @@ def summary(record: Mapping[str, Any]) -> str:
 
 def ensure_prepared(cfg: Any, log: Callable[[str], None]) -> Path:
     """The cache entry of cfg's mixture: reused when complete, else prepared now."""
-    from data_prep.formats import InputError
-    from data_prep.tokenizer_source import load_tokenizer
-    from dpo.contract import tokenizer_sha256
     mixture = parse_mixture(cfg.dataset_mixture)
     try:
         tokenizer, _ = load_tokenizer(cfg.model_path, None)
@@ -349,7 +277,6 @@ def prepare_recipe_data(cfg: Any, accelerator: Any, log: Callable[[str], None]) 
         if cfg.data_path:
             check_prepared_lengths(cfg)
         return cfg
-    from dpo.startup import check_output_dir
     check_output_dir(cfg)  # before minutes of data prep, not after
     entry: Path | None = None
     if accelerator.is_main_process:

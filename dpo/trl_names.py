@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 # (value, the whole source mapping it came from) -> our fields; None: no effect here (listed as ignored).
 Converter = Callable[[Any, Mapping[str, Any]], "dict[str, Any] | None"]
 
@@ -448,17 +450,16 @@ def warning_line(ignored: list[str]) -> str | None:
             f"(README: Coming from TRL)")
 
 
-def markdown_table() -> str:
+def markdown_table(own_fields: set[str]) -> str:
     """The README's "Coming from TRL" tables: aliases with an example each, then the names that are ours as they
-    are, the ignored ones and the refused values."""
-    from dpo.config import TrainConfig  # here: dpo.config imports this module
+    are (`own_fields`: TrainConfig's), the ignored ones and the refused values."""
     rows = ["| TRL / alignment-handbook | ours | example | what differs |", "|---|---|---|---|"]
     for name, alias in ALIASES.items():
         value, ours = alias.example
         fields = ", ".join(f"`{k}: {_short(v)}`" for k, v in ours.items())
         example = f"`{name}: {_short(value)}` -> {fields or '(honoured as is)'}"
         rows.append(f"| `{name}` | `{alias.ours}` | {example} | {alias.note} |")
-    own_fields = {f.name for f in dataclasses.fields(TrainConfig)} | OWN_SOON
+    own_fields = set(own_fields) | OWN_SOON
     own = sorted(own_fields & TRL_NAMES - set(ALIASES))
     rows += ["", f"Ours as they are (same name, same meaning): {', '.join(f'`{n}`' for n in own)}.", "",
              f"Ignored, listed in the start-up warning: {', '.join(f'`{n}`' for n in sorted(IGNORED))}.", "",
@@ -469,7 +470,6 @@ def markdown_table() -> str:
 
 def _short(value: Any) -> str:
     if isinstance(value, (dict, list)):
-        import yaml
         text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
     else:
         text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

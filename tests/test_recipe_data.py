@@ -14,15 +14,9 @@ from datasets import Dataset, DatasetDict
 from builders import make_model_dir, make_tokenizer
 from dpo import recipe_data
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.recipe_data import (
-    RECORD_NAME,
-    MixtureError,
-    ensure_prepared,
-    held_out,
-    parse_mixture,
-    summary,
-    weighted_rows,
-)
+from dpo.errors import UserError
+from dpo.mixture import MixtureError, parse_mixture
+from dpo.recipe_data import RECORD_NAME, ensure_prepared, held_out, summary, weighted_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +124,7 @@ def test_reused_until_an_input_tokenizer_or_option_changes(local, tmp_path):
 def test_prepared_folder_must_match_lengths(local, tmp_path):
     entry = ensure_prepared(config(local, tmp_path, {"datasets": [{"id": str(local["b"])}]}), lambda _: None)
     recipe_data.check_prepared_lengths(TrainConfig(data_path=str(entry), max_length=1024))
-    with pytest.raises(recipe_data.UserError, match="max_length: 512 but"):
+    with pytest.raises(UserError, match="max_length: 512 but"):
         recipe_data.check_prepared_lengths(TrainConfig(data_path=str(entry), max_length=512))
 
 

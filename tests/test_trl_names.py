@@ -237,5 +237,5 @@ def test_readme_table_is_generated_from_the_code():
     text = (ROOT / "README.md").read_text()
     found = re.search(r"<!-- trl-names:start -->\n(.*?)\n<!-- trl-names:end -->", text, flags=re.S)
     assert found, "README lacks the trl-names table markers"
-    assert found.group(1).strip() == trl_names.markdown_table().strip(), \
+    assert found.group(1).strip() == trl_names.markdown_table(OWN).strip(), \
         "README's TRL table differs from dpo.trl_names.markdown_table(); paste the new one"
