@@ -137,11 +137,10 @@ def test_values_we_cannot_honour_are_refused_in_one_line(tmp_path, recipe, words
 
 
 def test_command_line_can_replace_a_refused_value(tmp_path):
-    """The recipe's flash attention is refused on this build, but a command-line value we honour replaces it."""
-    with pytest.raises(ConfigError, match="attn_implementation"):
-        parse(tmp_path, {"attn_implementation": "flash_attention_2"})
-    cfg = parse(tmp_path, {"attn_implementation": "flash_attention_2"}, ("--attn_implementation", "sdpa"))
-    assert cfg == TrainConfig()
+    """A recipe value we cannot honour is refused, but a command-line value we honour replaces it."""
+    with pytest.raises(ConfigError, match="tf32"):
+        parse(tmp_path, {"tf32": True})
+    assert parse(tmp_path, {"tf32": True}, ("--tf32", "false")) == TrainConfig()
 
 
 def test_command_line_wins_over_the_recipe_through_aliases(tmp_path):
