@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from accelerate.state import AcceleratorState
 from datasets import Dataset, DatasetDict
 
 from builders import make_model_dir, make_tokenizer
@@ -115,6 +116,16 @@ def machine_facts() -> list[str]:
     return facts
 
 
+def run(argv: list[str]) -> None:
+    """train() in this process; Accelerate's state is process-global and each recipe asks for its own precision."""
+    cfg = load_config(argv)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        train(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def dpo_warnings(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("[dpo] warning")]
 
@@ -132,7 +143,7 @@ def test_every_handbook_recipe_trains_two_steps(local, tmp_path, capsys):
         argv = ["--config", str(path), "--output_dir", str(out), "--data_cache_dir", str(cache), "--max_steps", "2",
                 *machine_facts()]
         capsys.readouterr()
-        train(load_config(argv))
+        run(argv)
         captured = capsys.readouterr()
         assert len(dpo_warnings(captured.err)) <= 1, (recipe.name, dpo_warnings(captured.err))
         assert [r["step"] for r in read_metrics(out) if r["split"] == "train"][-1] == 2, recipe.name
@@ -165,10 +176,10 @@ def test_trl_intervals_in_a_run(tmp_path):
     data = make_data_dir(tmp_path / "data", tokenizer, n_train=8, n_eval=4)
     common = ["--model_name_or_path", str(model), "--data_path", str(data), "--per_device_train_batch_size", "4",
               "--max_steps", "4", "--logging_strategy", "epoch", "--eval_steps", "0.5", "--save_strategy", "epoch"]
-    train(load_config([*common, "--output_dir", str(tmp_path / "run")]))
+    run([*common, "--output_dir", str(tmp_path / "run")])
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4]
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
-    train(load_config([*common, "--output_dir", str(tmp_path / "quiet"), "--do_eval", "false"]))
+    run([*common, "--output_dir", str(tmp_path / "quiet"), "--do_eval", "false"])
     assert [r for r in read_metrics(tmp_path / "quiet") if r["split"] == "eval"] == []
