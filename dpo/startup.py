@@ -32,7 +32,7 @@ RESUME_HARMLESS = frozenset({
     "early_stopping_patience", "early_stopping_min_delta", "eval_batch_size", "eval_on_start",
     "logits_chunk_size", "gradient_checkpointing", "output_dir", "run_name", "use_wandb", "wandb_project",
     "resume_from_checkpoint", "resume_allow_changes", "overwrite_output_dir", "trust_remote_code",
-    "attn_implementation", "save_on_signal",
+    "attn_implementation", "save_on_signal", "do_eval", "dataset_num_proc", "data_cache_dir",
 })
 
 

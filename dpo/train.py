@@ -46,6 +46,7 @@ from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
 from dpo.preemption import PreemptionSignals
 from dpo.progress import progress_bar
+from dpo.recipe_data import prepare_recipe_data
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 from dpo.startup import (
@@ -140,8 +141,24 @@ def build_optimizer(policy: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim == "rmsprop":  # TrainingArguments' rmsprop: torch's RMSprop at its defaults but the learning rate
+        return torch.optim.RMSprop([g for g in groups if g["params"]], lr=cfg.learning_rate)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def scheduler_name(cfg: TrainConfig) -> str:
+    if cfg.lr_scheduler == "cosine" and cfg.min_lr_rate:
+        return "cosine_with_min_lr"
+    return {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+
+
+def interval_steps(every: int | float | str, total_steps: int, steps_per_epoch: int) -> int:
+    """Steps between two events: `every` itself; for a share of the run (a float below 1) that share of the total,
+    rounded up (TrainingArguments' rule); for "epoch" the optimizer steps of one epoch."""
+    if every == "epoch":
+        return steps_per_epoch
+    return math.ceil(every * total_steps) if isinstance(every, float) else int(every)
 
 
 def total_optimizer_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -205,6 +222,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     # The attention kernel this machine and model can run, or a one-line refusal (dpo/attention.py).
     cfg = resolve_for_run(cfg, device_type=accelerator.device.type, needs_backward=True)
+    cfg = prepare_recipe_data(cfg, accelerator, log)  # raw data named by the recipe: prepared once, cached
     resume_path = validate_startup(cfg, log)  # nothing is written to out_dir before this passes
     # The recipe's batch, or on a resume whatever keeps the checkpoint's global batch on this many processes.
     plan = resize.plan_run(cfg, accelerator, resume_path, log=log)
@@ -217,6 +235,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
         raise UserError(f"eval_on_start: {cfg.data_path} has no eval split (data_prep --eval_fraction or --eval_input "
                         f"makes one)")
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
+    eval_ds = eval_ds if cfg.do_eval else None  # checked with the rest of the data, not evaluated
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes
@@ -228,6 +247,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                         f"(batch_size {batch_size} x accumulation {accumulation} x "
                         f"{world} processes); lower batch_size or gradient_accumulation_steps")
     total_steps = total_optimizer_steps(cfg, steps_per_epoch)
+    # Intervals given as a share of the run (TrainingArguments' floats below 1) become step counts.
+    log_every, eval_every, save_every = (interval_steps(v, total_steps, steps_per_epoch)
+                                         for v in (cfg.logging_steps, cfg.eval_steps, cfg.save_steps))
     left_out = len(train_ds) - steps_per_epoch * global_batch
     log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "
         f"{global_batch} = {batch_size} per device x {accumulation} accumulation x {world} "
@@ -243,8 +265,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     policy.train()
     optimizer = build_optimizer(policy, cfg)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                              scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_rate} if cfg.min_lr_rate else None)
     # The scheduler is stepped once per optimizer step by this loop (Accelerate's wrapper would step it once per
     # process); checkpoints carry its state as JSON (dpo/checkpoint.py), never as a pickle.
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -338,14 +360,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
             step_metrics["epoch"] = state.step / steps_per_epoch
             show_step(progress, step_metrics)
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            if state.step % log_every == 0 or state.step == total_steps:
                 writer.write(state.step, "train", step_metrics)
-            if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
+            if eval_ds is not None and ((eval_every and state.step % eval_every == 0)
                                         or state.step == total_steps):
                 last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=state.step, log=log)
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
-            saved = cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps
+            saved = save_every and state.step % save_every == 0 and state.step < total_steps
             if saved:
                 save(state)
             if state.step < total_steps and not state.stopped_early and stop.agreed(accelerator):
