@@ -53,12 +53,11 @@ def measure(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     import datasets
     from accelerate import Accelerator
 
+    from benchmarks.pieces import prepared_models, update
     from dpo.config import TrainConfig
     from dpo.evaluation import eval_batch_size
     from dpo.layouts import choose_run_layout, data_shape, make_collate
-    from dpo.models import load_policy
-    from dpo.reference import build_reference
-    from dpo.train import build_optimizer, evaluate, forward_and_loss
+    from dpo.train import evaluate, forward_and_loss
 
     cfg = TrainConfig(model_path=meta["model_dir"], data_path=str(args.workdir), reference="model",
                       batch_size=args.batch_size, max_tokens_per_row=args.max_tokens_per_row, seed=args.seed)
@@ -68,12 +67,7 @@ def measure(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     pairs = [{k: v for k, v in p.items() if not k.startswith("ref_")}
              for p in json.loads((Path(args.workdir) / "pairs.json").read_text())]
     eval_ds = datasets.Dataset.from_list(pairs[:args.eval_pairs])
-    policy = load_policy(cfg)
-    policy.train()
-    optimizer = build_optimizer(policy, cfg)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    reference = build_reference("model", cfg, accelerator, policy=policy,
-                                unwrapped_policy=accelerator.unwrap_model(policy))
+    policy, optimizer, reference = prepared_models(cfg, accelerator)
     choice = choose_run_layout([policy, reference.model], cfg, accelerator, pad_token_id=meta["pad_token_id"],
                                data=data_shape(datasets.Dataset.from_list(pairs), eval_ds))
     print(choice.message, flush=True)
@@ -86,13 +80,7 @@ def measure(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
         wall, cpu, out = timed(device, forward)
 
-        def update() -> None:
-            accelerator.backward(out.loss)
-            accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        rest_wall, rest_cpu, _ = timed(device, update)
+        rest_wall, rest_cpu, _ = timed(device, lambda: update(policy, optimizer, accelerator, out.loss, cfg))
         if k >= args.warmup:
             forward_wall.append(wall / args.batch_size)
             forward_cpu.append(cpu / args.batch_size)

@@ -74,13 +74,12 @@ def run_row(model_dir: Path, *, default: bool, length: int, batch: int, steps: i
     """One configuration, trained as dpo.train wires it; returns its measurements (or the error)."""
     from accelerate import Accelerator
 
+    from benchmarks.pieces import prepared_models, update
     from dpo.attention import resolve_for_run
     from dpo.config import TrainConfig
     from dpo.layouts import DataShape, choose_run_layout, make_collate
     from dpo.masks import mask_bytes
-    from dpo.models import load_policy
-    from dpo.reference import build_reference
-    from dpo.train import build_optimizer, forward_and_loss
+    from dpo.train import forward_and_loss
 
     cfg = TrainConfig(model_path=str(model_dir), data_path=str(model_dir), mixed_precision="bf16",
                       layout="auto" if default else "padded", prefix_sharing=None if default else False,
@@ -91,12 +90,7 @@ def run_row(model_dir: Path, *, default: bool, length: int, batch: int, steps: i
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    policy = load_policy(cfg)
-    policy.train()
-    optimizer = build_optimizer(policy, cfg)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    reference = build_reference("model", cfg, accelerator, policy=policy,
-                                unwrapped_policy=accelerator.unwrap_model(policy))
+    policy, optimizer, reference = prepared_models(cfg, accelerator)
     started = time.perf_counter()
     choice = choose_run_layout([policy, reference.model], cfg, accelerator, pad_token_id=0,
                                data=DataShape(longest=length, empty_prompts=False))
@@ -110,10 +104,7 @@ def run_row(model_dir: Path, *, default: bool, length: int, batch: int, steps: i
         start = time.perf_counter()
         batch_k = collate(pairs, None).to(accelerator.device)
         out = forward_and_loss(policy, reference, batch_k, cfg)
-        accelerator.backward(out.loss)
-        accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(policy, optimizer, accelerator, out.loss, cfg)
         sync_device(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import random
 import subprocess
 import sys
@@ -287,3 +288,39 @@ def test_train_refuses_flex_on_a_cpu_with_exit_2_before_writing(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no FlexAttention backward on CPU" in lines[0], proc.stderr[-2000:]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------- benchmarks
+
+
+def test_bench_masks_counts_t_squared_dense_and_far_less_block(tmp_path):
+    from benchmarks import bench_masks
+
+    output = tmp_path / "masks.json"
+    assert bench_masks.main(["--lengths", "256,1024", "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())["rows"]
+    for row in rows:
+        rules = 1 if row["layer_rules"] == "one rule" else 2
+        assert row["dense_bytes"] == 4 * row["tokens_per_row"] ** 2 * rules  # float32 [1, 1, T, T] per rule
+        # The block form: segment, branch and positions (int64 each) plus a few int32 tables per 128-block row.
+        blocks = -(-row["tokens_per_row"] // 128)
+        assert 3 * 8 * row["tokens_per_row"] <= row["block_bytes"] <= 3 * 8 * row["tokens_per_row"] + rules * 64 * (
+            blocks * blocks + blocks)
+    assert [r["tokens_per_row"] for r in rows] == [256, 256, 1024, 1024]
+
+
+@pytest.mark.slow  # four tiny training rows
+def test_bench_long_runs_both_configurations_on_a_cpu(tmp_path):
+    from benchmarks import bench_long
+
+    output = tmp_path / "long.json"
+    assert bench_long.main(["--shape", "tiny", "--lengths", "96", "--longest", "160", "--steps", "1", "--warmup", "1",
+                            "--workdir", str(tmp_path / "work"), "--output", str(output)]) == 0
+    rows = {r["name"]: r for r in json.loads(output.read_text())["rows"]}
+    assert set(rows) == {"default@96", "padded_sdpa@96", "default@160/batch1/checkpointing",
+                         "padded_sdpa@160/batch1/checkpointing"}
+    assert rows["default@96"]["attn_implementation"] == "sdpa"  # auto on a CPU
+    assert rows["padded_sdpa@96"]["layout"] == "padded"
+    # The same pairs in both layouts: the same useful tokens; the shared layout computes fewer.
+    assert rows["default@96"]["useful_tokens_per_step"] == rows["padded_sdpa@96"]["useful_tokens_per_step"]
+    assert rows["default@96"]["computed_tokens_per_step"] < rows["padded_sdpa@96"]["computed_tokens_per_step"]
