@@ -44,8 +44,10 @@ from dpo.prefix_sharing import collate_prefix_shared
 FP32_TOLERANCE = (1e-4, 1e-5)
 HALF_TOLERANCE_PER_SQRT_TOKEN = 0.02
 HALF_TOLERANCE_REL = 2e-3
-PROBE_ANSWERS = ((5, 7), (9, 3), (4, 6), (2, 5))  # (chosen, rejected) tokens of the probe's pairs
-MIN_PROBE_LENGTH = 31  # tokens of the probe's longest sequence at least (a 24-token prompt + 7)
+LONG_PAIR = (8, 5)  # prompt and chosen tokens of the probe's long pair; its rejected answer makes up the length
+SHORT_PAIRS = ((16, 8, 7), (10, 12, 10), (3, 13, 5), (1, 2, 5))  # (prompt, chosen, rejected) of the short pairs
+TRAIN_REPEATS = 6  # train-mode forwards of the probe's short pairs compared for randomness
+MIN_PROBE_LENGTH = 31  # tokens of the probe's longest sequence at least (longer than every short pair)
 
 
 class LayoutError(UserError):
@@ -156,25 +158,31 @@ def probe_length(spec: AttentionSpec, *, max_positions: int | None, longest: int
                                            if r is not None])
     if max_positions:
         length = min(length, max_positions - 1)
-    return max(length, max(PROBE_ANSWERS[0]) + 2)
+    return max(length, sum(LONG_PAIR) + 1)
 
 
-def probe_pairs(vocab_size: int, length: int, *, avoid: Sequence[int] = (), seed: int = 0
-                ) -> list[dict[str, list[int]]]:
-    """Deterministic random pairs: one long pair whose rejected sequence has `length` tokens, a middle one, short
-    ones that share rows with others, a 1-token prompt; ids drawn from the embedding rows, skipping special ids such
-    as padding."""
+def probe_pairs(vocab_size: int, length: int, *, max_positions: int | None = None, avoid: Sequence[int] = (),
+                seed: int = 0) -> list[dict[str, list[int]]]:
+    """Deterministic random pairs: one long pair whose rejected sequence has `length` tokens (a short prompt and
+    chosen answer, a long rejected answer: in a shared row the long branch comes after the other, and its single-
+    sequence reference costs one long forward, not two), then short pairs that share rows with each other, whose
+    sequences (24, 23, 22, 20, 16, 8, 6 and 3 tokens, a 1-token prompt) are padded by 0, 1, 2, 4, 8, 16 ... tokens
+    in one padded batch; ids drawn from the embedding rows, skipping special ids such as padding."""
     generator = torch.Generator().manual_seed(seed)
     avoided = set(avoid)
     allowed = torch.tensor([i for i in range(min(vocab_size, 50_000)) if i not in avoided])
+    cap = max_positions - 1 if max_positions else None
 
     def ids(n: int) -> list[int]:
         return allowed[torch.randint(len(allowed), (n,), generator=generator)].tolist()
 
-    long_prompt = length - max(PROBE_ANSWERS[0])
-    prompts = (long_prompt, min(long_prompt // 2 + 1, 40), 3, 1)  # only the first need reach the data's length
-    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)}
-            for p, (c, r) in zip(prompts, PROBE_ANSWERS)]
+    long_pair = (*LONG_PAIR, length - LONG_PAIR[0])
+    pairs = []
+    for prompt, chosen, rejected in (long_pair, *SHORT_PAIRS):
+        if cap is not None:  # a model with few positions: shorten the answers, keep at least one token
+            chosen, rejected = (max(1, min(n, cap - prompt)) for n in (chosen, rejected))
+        pairs.append({"prompt_ids": ids(prompt), "chosen_ids": ids(chosen), "rejected_ids": ids(rejected)})
+    return pairs
 
 
 @dataclass
@@ -201,7 +209,7 @@ class ProbeResult:
 class TrainCheck:
     """Train mode (dropout and the other randomness of `dpo.models.disable_dropout` off) against itself and eval."""
 
-    random: float  # nats between two train-mode forwards of the same sequences
+    random: float  # nats between train-mode forwards of the same sequences (the largest of TRAIN_REPEATS - 1 gaps)
     off_eval: float  # nats between the train-mode and the eval-mode forward
     tolerance: float
 
@@ -211,8 +219,8 @@ class TrainCheck:
 
     def describe(self, model_class: str) -> str:
         if self.random > self.tolerance:
-            return (f"{model_class} is random in train mode with dropout off: two forwards of the same sequences "
-                    f"differ by {self.random:.3g} nats")
+            return (f"{model_class} is random in train mode with dropout off: forwards of the same sequences "
+                    f"differ by up to {self.random:.3g} nats")
         return (f"{model_class} computes otherwise in train mode: its forward is {self.off_eval:.3g} nats away from "
                 f"the eval-mode one")
 
@@ -266,8 +274,8 @@ class LayoutProbe:
     difference between two padded arrangements of the same pairs. `reduce_max` takes the maximum over processes,
     so every process decides alike (ZeRO-3 runs every forward on every rank)."""
 
-    GROUPS = ([0], [1, 2, 3])
-    SHORT = [1, 2, 3]
+    GROUPS = ([0], [1, 2, 3, 4])
+    SHORT = [1, 2, 3, 4]
 
     def __init__(self, model: torch.nn.Module, spec: AttentionSpec, *, pad_token_id: int, max_tokens_per_row: int,
                  precise: bool, longest: int | None = None, reduce_max: Callable[[float], float] = lambda x: x,
@@ -278,7 +286,9 @@ class LayoutProbe:
         self.device = device if device is not None else next(model.parameters()).device
         text = _text_config(_config_of(model))
         length = probe_length(spec, max_positions=getattr(text, "max_position_embeddings", None), longest=longest)
-        self.pairs = probe_pairs(int(getattr(text, "vocab_size", None) or 32), length, avoid=[pad_token_id])
+        max_positions = getattr(text, "max_position_embeddings", None)
+        self.pairs = probe_pairs(int(getattr(text, "vocab_size", None) or 32), length, max_positions=max_positions,
+                                 avoid=[pad_token_id])
         single = self.run_of(SINGLE)
         with _mode(model, training=False):
             self.reference, self.lengths = self._gather(single, self.GROUPS)
@@ -286,19 +296,27 @@ class LayoutProbe:
             if not precise:  # the same pairs in other batches and orders: the rounding noise of this model
                 padded = self.run_of(PADDED)
                 first, _ = self._gather(padded, [self.SHORT])
-                second, _ = self._gather(padded, [[3, 1], [2]])
+                second, _ = self._gather(padded, [[4, 1], [3, 2]])
                 noise = reduce_max(float((first - second)[self._short].abs().max()))
         self.tolerance = _tolerances(self.reference, self.lengths, precise=precise, noise=noise)
         self.train_check: TrainCheck | None = None
         if train:
-            with _mode(model, training=True):
-                self.train_reference, _ = self._gather(single, [self.SHORT])
-                again, _ = self._gather(single, [self.SHORT])
-            short = self._short
-            self.train_check = TrainCheck(
-                random=reduce_max(float((again - self.train_reference)[short].abs().max())),
-                off_eval=reduce_max(float((self.train_reference - self.reference)[short].abs().max())),
-                tolerance=float(self.tolerance[short].max()))
+            self.train_check = self._check_train_mode(single)
+
+    def _check_train_mode(self, single: Run) -> TrainCheck:
+        """Train-mode single sequences against eval mode, and TRAIN_REPEATS train-mode forwards of one batch against
+        each other: randomness that moves only some tokens (a router sampling experts flips a choice now and then)
+        shows in one of several forwards sooner than in two."""
+        short = self._short
+        with _mode(self.model, training=True):
+            self.train_reference, _ = self._gather(single, [self.SHORT])
+            padded = self.run_of(PADDED)
+            repeats = [self._gather(padded, [self.SHORT[:2]])[0] for _ in range(TRAIN_REPEATS)]
+        two = torch.tensor(self.SHORT[:2] + [len(self.pairs) + i for i in self.SHORT[:2]])
+        random = max(float((r - repeats[0])[two].abs().max()) for r in repeats[1:])
+        return TrainCheck(random=self.reduce_max(random),
+                          off_eval=self.reduce_max(float((self.train_reference - self.reference)[short].abs().max())),
+                          tolerance=float(self.tolerance[short].max()))
 
     @property
     def _short(self) -> torch.Tensor:
@@ -318,7 +336,7 @@ class LayoutProbe:
         for group in groups:
             out = run([self.pairs[i] for i in group])
             for k, i in enumerate(group):
-                values[i], values[n + i] = float(out.chosen_logps[k]), float(out.rejected_logps[k])
+                values[i], values[n + i] = float(out.chosen_logps[k].detach()), float(out.rejected_logps[k].detach())
                 lengths[i], lengths[n + i] = float(out.chosen_lengths[k]), float(out.rejected_lengths[k])
         return values, lengths
 
