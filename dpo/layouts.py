@@ -1,21 +1,25 @@
 """The batch layout of a run: the fastest layout that is exact for the loaded model, checked on the model itself.
 
-Four layouts give the same per-sequence log-probs wherever they are exact, fastest first:
+Four batched layouts give the same per-sequence log-probs wherever they are exact, fastest first, and a fifth is
+exact by construction:
 
     packed+shared  each pair one [prompt | chosen | rejected] sequence, several pairs per row  (dpo.prefix_sharing)
     shared         one prefix-shared pair per row
     packed         chosen and rejected as separate sequences, several per row                 (dpo.data)
     padded         one right-padded sequence per row; the model builds its own masks           (dpo.data)
+    single         one sequence per forward, no padding: the reference itself, and the last resort
 
-The padded layout is exact on every causal LM (real tokens never see the padding after them) and is the baseline.
-The others hand the model an explicit mask (`dpo.masks`) and position ids, and are exact only where the model's
-layers honour both. They do not on: ALiBi models under prefix sharing (biases follow the order of tokens in the
-row), hybrids with short convolutions, linear attention or SSM layers (they ignore masks), BLOOM and Falcon with
-ALiBi (they cannot take a 4D mask), and whatever custom code does next. A table of model types cannot keep up, so
-`choose_layout` probes the real model once, before training: a few synthetic pairs whose sequences outrun every
-window and chunk that can matter for the data, in rows that hold several sequences, one no-grad forward per layout,
-per-sequence log-probs compared with the padded layout's. The fastest candidate within tolerance is used; the
-default falls back and says why, an explicit request that cannot be honoured is refused (`LayoutError`).
+The packed layouts hand the model an explicit mask (`dpo.masks`) and position ids, and are exact only where the
+model's layers honour both; padded is exact only where padding never reaches real tokens (not so for models that
+attend both ways, or pick keys by top-k over blocks that padding fills). A table of model types cannot keep up, so
+`choose_layout` probes the real model once, before training (`LayoutProbe`): one pair as long as the data's longest
+prompt + answer (whatever the config reader found: a window under a field it does not read still bites within the
+data's lengths) and short pairs in rows that hold several sequences, one no-grad forward per layout, per-sequence
+log-probs compared with each sequence run alone. For a model that trains, train mode is checked too: several
+train-mode forwards of one batch must agree and equal eval mode (`dpo.models.disable_dropout` switches off the
+randomness it can), or the model is refused unless the user allows it. The fastest candidate within tolerance is
+used; the default falls back and says why (down to one sequence per forward), an explicit request that cannot be
+honoured is refused (`LayoutError`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ reason, which the test records as its skip reason.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -44,6 +45,9 @@ _SIZES: dict[str, Any] = dict(
 )
 
 
+_RANDOM_RATE = re.compile(r"dropout|pdrop|layerdrop|drop_path|jitter")
+
+
 class Unbuildable(Exception):
     """The family cannot be built tiny on a CPU from its config class; the message says why."""
 
@@ -56,14 +60,18 @@ def _distinct_layer_types(values: list[Any]) -> list[Any]:
     return seen
 
 
-def tiny_kwargs(config: PretrainedConfig) -> dict[str, Any]:
-    """Constructor arguments that shrink `config` (a default instance of the class), sub-configs included."""
+def tiny_kwargs(config: PretrainedConfig, *, dropout: bool = False) -> dict[str, Any]:
+    """Constructor arguments that shrink `config` (a default instance of the class), sub-configs included;
+    `dropout`: every dropout-like rate the config has (dropout, layer drop, drop path, router jitter) at 0.1, as a
+    real checkpoint may carry them."""
     kwargs: dict[str, Any] = {}
     for key, value in vars(config).items():
         if isinstance(value, PretrainedConfig):
-            kwargs[key] = type(value)(**tiny_kwargs(value)).to_dict()
+            kwargs[key] = type(value)(**tiny_kwargs(value, dropout=dropout)).to_dict()
         elif key in _SIZES and (value is None or isinstance(value, (int, float, bool))):
             kwargs[key] = _SIZES[key]
+        elif dropout and type(value) is float and _RANDOM_RATE.search(key):
+            kwargs[key] = 0.1
     for key in ("layer_types", "layers_block_type"):
         types = getattr(config, key, None)
         if isinstance(getattr(type(config), key, None), property):  # derived from other fields: not an argument
@@ -78,12 +86,13 @@ def tiny_kwargs(config: PretrainedConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_family(model_type: str, *, seed: int = 0) -> PreTrainedModel:
-    """A tiny random fp32 model of `model_type` in eval mode, or Unbuildable."""
+def build_family(model_type: str, *, seed: int = 0, dropout: bool = False) -> PreTrainedModel:
+    """A tiny random fp32 model of `model_type` in eval mode (dropout rates configured: see tiny_kwargs), or
+    Unbuildable."""
     config_class = CONFIG_MAPPING[model_type]
     try:
         default = config_class()
-        config = config_class(**tiny_kwargs(default))
+        config = config_class(**tiny_kwargs(default, dropout=dropout))
     except Exception as exc:
         raise Unbuildable(f"config: {type(exc).__name__}: {_first_line(exc)}") from None
     try:
@@ -107,5 +116,3 @@ def build_family(model_type: str, *, seed: int = 0) -> PreTrainedModel:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:160] if text else ""
-
-

@@ -42,7 +42,6 @@ from dpo.models import disable_dropout  # noqa: E402
 TOLERANCE = 1e-4  # nats per sequence
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- family-walk:start -->", "<!-- family-walk:end -->"
-_DROPOUT = re.compile(r"dropout|pdrop|layerdrop|drop_path|jitter")
 
 
 def make_pairs() -> list[dict[str, list[int]]]:
@@ -100,21 +99,12 @@ def _distance(model: torch.nn.Module, layout: Layout, oracle: torch.Tensor, *, t
         model.train()
 
 
-def configure_dropout(model: torch.nn.Module) -> None:
-    """Dropout-like rates a real checkpoint may carry, set where the family keeps them (disable_dropout must undo
-    them all)."""
-    for config in [model.config] + [v for v in vars(model.config).values() if hasattr(v, "to_dict")]:
-        for key, value in list(vars(config).items()):
-            if type(value) is float and _DROPOUT.search(key) and key != "router_jitter_noise":
-                setattr(config, key, 0.1)
-
-
 @functools.lru_cache(maxsize=None)
 def outcome(family: str) -> dict[str, Any]:
     """What the probe chose for the family and how far each layout is from the oracle (eval, train)."""
     try:
-        model = build_family(family)
-        oracle = oracle_logps(model)
+        model = build_family(family, dropout=True)
+        oracle = oracle_logps(model)  # eval mode: no dropout, whatever the config asks for
     except Unbuildable as exc:
         return {"skip": str(exc)}
     except Exception as exc:
