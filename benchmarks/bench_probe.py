@@ -42,14 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for kind, longest in cases:
         model = build(kind)
-        start = time.perf_counter()
+        tokens = [0]  # tokens through the model, whatever the layout: what the cost is made of on any machine
+        model.register_forward_pre_hook(lambda _, args, kwargs: tokens.__setitem__(
+            0, tokens[0] + kwargs.get("input_ids", args[0] if args else None).numel()), with_kwargs=True)
+        start, cpu = time.perf_counter(), time.process_time()
         choice = choose_layout([model], layout="auto", prefix_sharing=None, pad_token_id=0, max_tokens_per_row=2048,
                                precise=True, longest=longest)
         rows.append({"model": kind, "longest_sequence": longest, "seconds": round(time.perf_counter() - start, 2),
+                     "cpu_seconds": round(time.process_time() - cpu, 2), "tokens": tokens[0],
                      "layout": choice.layout.name})
-    print(f"{'model':<22} {'longest':>8} {'probe (s)':>10}  layout")
+    print(f"{'model':<22} {'longest':>8} {'probe (s)':>10} {'CPU (s)':>8} {'tokens':>7}  layout")
     for row in rows:
-        print(f"{row['model']:<22} {row['longest_sequence']:>8} {row['seconds']:>10.2f}  {row['layout']}")
+        print(f"{row['model']:<22} {row['longest_sequence']:>8} {row['seconds']:>10.2f} {row['cpu_seconds']:>8.2f} "
+              f"{row['tokens']:>7}  {row['layout']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
     return 0
