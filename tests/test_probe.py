@@ -156,3 +156,23 @@ def test_layout_single_cannot_share_prompts():
     with pytest.raises(ConfigError, match="layout single"):
         TrainConfig(model_path="m", data_path="d", output_dir="o", layout="single", prefix_sharing=True).validate()
     TrainConfig(model_path="m", data_path="d", output_dir="o", layout="single").validate()
+
+
+def test_lora_dropout_is_left_off_while_the_probe_looks():
+    """LoRA's own dropout is the user's choice and applies in training; the probe's train-mode check must not take
+    it for model randomness. With B drawn non-zero (a resumed adapter) dropout 0.5 would move every forward."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                      target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    model.train()
+    ids = torch.tensor([PAIRS[0]["prompt_ids"]])
+    with torch.no_grad():  # negative control: the adapter's dropout is live in train mode
+        assert not torch.equal(model(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    choice = choose_layout([model], **CHOOSE)
+    assert choice.layout == PACKED_SHARED and "random" not in choice.message
+    assert model.training and all(m.training for n, m in model.named_modules() if "lora_dropout" in n)
