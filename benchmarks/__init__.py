@@ -9,7 +9,7 @@
     python -m benchmarks.bench_memory [...]      peak memory at a real vocabulary, against TRL
     python -m benchmarks.bench_masks [...]       attention-mask bytes per row: dense against FlexAttention block masks
     python -m benchmarks.bench_long [...]        long pairs on a GPU: the default (FlexAttention) against padded sdpa
-    python -m benchmarks.check_flex_gpu [...]    FlexAttention's compiled GPU kernels, forward and backward, vs an oracle
+    python -m benchmarks.check_flex_gpu [...]    FlexAttention's compiled GPU kernels, forward and backward, checked
 
 measure.py holds what several of them measure with: peak memory, matmul ceilings, the hardware record; pieces.py
 the trainer's own pieces (prepared models, one update) as they drive them.

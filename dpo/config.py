@@ -94,10 +94,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42  # seeds the weights of new layers and the order of the pairs
     # --- layout and precision
-    layout: str = "auto"  # auto (fastest layout proven exact on this model) | packed | padded; see dpo/layouts.py
+    layout: str = "auto"  # auto (fastest exact layout on this model) | packed | padded | single; see dpo/layouts.py
     prefix_sharing: bool | None = None  # one [prompt | chosen | rejected] sequence per pair; none: auto (probed)
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
     attn_implementation: str = "auto"  # auto (flex on CUDA, else sdpa)|sdpa|eager|flex_attention|flash_attention_2|3
+    allow_nondeterministic_train: bool = False  # train a model that stays random in train mode with dropout off
     logits_chunk_size: int = 256  # scored positions per LM-head chunk: extra memory ~ 3 x chunk x vocab x 4 bytes
     mixed_precision: str = "no"  # no | bf16 | fp16
     torch_dtype: str = "auto"  # auto|bf16|fp16|fp32 of frozen weights (LoRA base, reference); auto: model's if mixed
@@ -132,7 +133,7 @@ class TrainConfig:
             "reference": ("auto", "model", "adapters_disabled", "precomputed"),
             "lr_scheduler": ("cosine", "linear", "constant"),
             "mixed_precision": ("no", "bf16", "fp16"),
-            "layout": ("auto", "padded", "packed"),
+            "layout": ("auto", "padded", "packed", "single"),
             "torch_dtype": ("auto", "bf16", "fp16", "fp32"),
             "attn_implementation": ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
                                     "flash_attention_3"),
@@ -185,6 +186,8 @@ class TrainConfig:
             raise ConfigError(f"max_logratio: must be > 0, got {self.max_logratio!r}")
         if self.merge_lora and not self.lora:
             raise ConfigError("merge_lora: needs --lora")
+        if self.layout == "single" and self.prefix_sharing:
+            raise ConfigError("layout single runs each sequence alone: it cannot share a prompt (prefix_sharing)")
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise ConfigError("overwrite_output_dir: cannot be combined with resume_from_checkpoint (one removes "
                               "the checkpoints the other resumes from)")

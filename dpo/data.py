@@ -35,6 +35,8 @@ class PreferenceBatch:
     num_tokens:     tokens of prompt+chosen plus prompt+rejected over real pairs, whatever the layout
                     (the "useful tokens" of tokens_per_second, so layouts compare fairly)
     ref_chosen_logps / ref_rejected_logps: [B] float, precomputed reference log-probs when the data has them
+    alone:          each row runs as its own forward, cut to its real tokens (no padding, no mask): the layout of
+                    last resort for a model that no batched layout serves exactly (`dpo.layouts.SINGLE`)
     """
 
     input_ids: torch.Tensor
@@ -47,6 +49,7 @@ class PreferenceBatch:
     num_tokens: int
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
+    alone: bool = False
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         def move(t: Any) -> Any:
@@ -65,6 +68,7 @@ class PreferenceBatch:
             num_tokens=self.num_tokens,
             ref_chosen_logps=move(self.ref_chosen_logps),
             ref_rejected_logps=move(self.ref_rejected_logps),
+            alone=self.alone,
         )
 
 

@@ -30,9 +30,14 @@ from torch.nn.attention.flex_attention import create_block_mask
 # Branch codes of each position.
 PAD, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
 
-# Layer types whose attention a mask fully describes; anything else (conv, linear attention, mamba ...) mixes
-# tokens by their order in the row and ignores masks and position ids.
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# Layer types whose attention a mask fully describes.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention")
+# Layer types known to mix tokens by their order in the row, ignoring masks and position ids: short convolutions
+# (LFM2), linear attention and SSMs (Qwen3-Next, Bamba, GraniteMoeHybrid, Mamba), Griffin's recurrence, and
+# "hybrid" layers that run a Mamba beside attention (Falcon-H1, Zamba). Names from transformers 5.25's configs.
+RECURRENT_LAYER_TYPES = ("conv", "linear_attention", "mamba", "recurrent", "hybrid")
+# Any other layer type (an indexed sparse attention, an MLP-only layer, whatever a new release adds) is unknown:
+# it gets the plain causal mask in a mapping, and the probe decides whether a layout is exact on it.
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,15 @@ class AttentionSpec:
 
     rules:            (layer type, rule) for each distinct layer type; one entry ("", rule) for a model without
                       layer types, whose every layer gets the same mask
-    recurrent_types:  layer types that are not attention (short convolutions, linear attention, SSMs): no mask
+    recurrent_types:  layer types known not to be attention (short convolutions, linear attention, SSMs): no mask
                       can keep two sequences of one row apart in them
+    unknown_types:    layer types in neither list: given the plain causal mask, neither assumed exact nor assumed
+                      recurrent; only the probe on the model itself can say what they do
     """
 
     rules: tuple[tuple[str, MaskRule], ...] = (("", MaskRule()),)
     recurrent_types: tuple[str, ...] = ()
+    unknown_types: tuple[str, ...] = ()
 
     @property
     def as_mapping(self) -> bool:
@@ -76,32 +84,46 @@ class AttentionSpec:
 
     def describe(self) -> str:
         kinds = "; ".join(f"{name or 'all layers'}: {rule.describe()}" for name, rule in self.rules
-                          if name not in self.recurrent_types)
+                          if name not in self.recurrent_types and name not in self.unknown_types)
         if self.recurrent_types:
             kinds += f"; not attention: {', '.join(self.recurrent_types)}"
-        return kinds
+        if self.unknown_types:
+            kinds += f"; unknown layer types (probed): {', '.join(self.unknown_types)}"
+        return kinds.lstrip("; ")
 
 
 def attention_spec(config: Any) -> AttentionSpec:
     """Read the attention restrictions of a transformers config (the text config of a multimodal one).
 
-    Reads `layer_types` (or `layers_block_type`), `sliding_window` and `attention_chunk_size`. What a model really
-    does with them is checked on the model itself (`dpo.layouts.probe_layout`), so a config this misreads leads to
-    a fallback, never to wrong log-probs.
+    Reads `layer_types` (or `layers_block_type`), `sliding_window` and `attention_chunk_size`. The spec only shapes
+    the masks; whether a layout is exact is decided by the probe on the model itself (`dpo.layouts.probe_layouts`),
+    with sequences as long as the data's longest whatever this reads, so a config this misreads (a window under
+    another name, a layer type it does not know) leads to a fallback, never to wrong log-probs.
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     window = getattr(text, "sliding_window", None)
     window = window if isinstance(window, int) and window > 0 else None
     chunk = getattr(text, "attention_chunk_size", None)
     chunk = chunk if isinstance(chunk, int) and chunk > 0 else None
     layer_types = getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None)
-    if not layer_types:
+    if not layer_types or isinstance(layer_types, str):
         return AttentionSpec(rules=(("", MaskRule(window=window)),))
-    distinct = sorted(set(layer_types))
+    distinct = sorted({str(t) for t in layer_types})
     rules = tuple((t, MaskRule(window=window if t == "sliding_attention" else None,
                                chunk=chunk if t == "chunked_attention" else None)) for t in distinct)
-    recurrent = tuple(t for t in distinct if t not in ATTENTION_LAYER_TYPES)
-    return AttentionSpec(rules=rules, recurrent_types=recurrent)
+    recurrent = tuple(t for t in distinct if t in RECURRENT_LAYER_TYPES)
+    unknown = tuple(t for t in distinct if t not in RECURRENT_LAYER_TYPES and t not in ATTENTION_LAYER_TYPES)
+    return AttentionSpec(rules=rules, recurrent_types=recurrent, unknown_types=unknown)
+
+
+def _text_config(config: Any) -> Any:
+    """The text config of a multimodal config; the config itself where that is ambiguous (several decoders)."""
+    if not hasattr(config, "get_text_config"):
+        return config
+    try:
+        return config.get_text_config()
+    except ValueError:
+        return config
 
 
 def _rule_allows(q: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], rule: MaskRule) -> torch.Tensor:

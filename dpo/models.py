@@ -54,12 +54,21 @@ def disable_dropout(model: torch.nn.Module) -> None:
     Dropout hides in three places: `nn.Dropout` modules, rates that modules copy into plain float attributes at
     init and use in forward (OPT's `dropout` and `layerdrop`, GPTBigCode's `attn_dropout`/`resid_dropout`, XGLM),
     and config fields read at forward time (`config.attention_dropout`). All three are zeroed.
+
+    Other train-time randomness, found by auditing the causal LMs of transformers 5.25 (`self.training` next to
+    random draws): MoE routers that scale their input by uniform noise (Mixtral, MiniMax, MiniMax-M2 `jitter_noise`
+    from `router_jitter_noise`; PhiMoE `input_jitter_noise`; DBRX `moe_jitter_eps`) are zeroed here, as module
+    attributes only: PhiMoE's `router_jitter_noise` is also a threshold of its eval-mode routing, so the config,
+    which a saved model carries, keeps it. Layer drop and stochastic depth go with dropout (`layerdrop`,
+    `drop_path`). What cannot be switched off (PhiMoE's sampling router, BigBird's random blocks, Reformer's
+    hashing) is left as it is: the layout probe finds a model still random in train mode and refuses it unless
+    the user allows it (dpo.layouts).
     """
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if type(value) is float and _DROPOUT_NAME.search(name):
+            if type(value) is float and (_DROPOUT_NAME.search(name) or name in _JITTER_ATTRIBUTES):
                 setattr(module, name, 0.0)
     for config in _configs(getattr(model, "config", None)):
         for name, value in list(vars(config).items()):
@@ -68,6 +77,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 _DROPOUT_NAME = re.compile(r"dropout|pdrop|layerdrop|drop_prob|drop_rate|drop_path", re.IGNORECASE)
+# Module attributes of multiplicative router noise in train mode (see disable_dropout).
+_JITTER_ATTRIBUTES = frozenset({"jitter_noise", "input_jitter_noise", "moe_jitter_eps"})
 
 
 def _configs(config: PretrainedConfig | None) -> list[PretrainedConfig]:
