@@ -11,8 +11,8 @@ and alignment-handbook's data keys, is exactly one of:
   in one warning line at start, never silently dropped;
 - refused unless its value is what this project does anyway (`REFUSED`): a value it cannot honour is a one-line
   error (exit 2) naming the key and what to do.
-A name that is one of our fields takes its own meaning before any entry here (so fields added later, such as
-`attn_implementation` or `eval_on_start`, win over their fallback entries). The README's "Coming from TRL" table is
+A name that is one of our fields (`attn_implementation`, `eval_on_start` ...) takes its own meaning before any entry
+here. The README's "Coming from TRL" table is
 `markdown_table()` (tests/test_trl_names.py keeps it in step).
 """
 
@@ -364,7 +364,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "metric_for_best_model": (_only(None, "loss", "eval_loss"), "early stopping watches the eval loss"),
     "greater_is_better": (_only(None, False), "early stopping watches the eval loss (lower is better)"),
     "eval_delay": (_only(0, 0.0), "not available"),
-    "eval_on_start": (_only(False), "not available in this version"),
     "data_seed": (_only(None), "seed orders the pairs"),
     "bf16_full_eval": (_only(False), "evaluation runs in the training precision"),
     "fp16_full_eval": (_only(False), "evaluation runs in the training precision"),
@@ -373,7 +372,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "activation_checkpointing": (_only(None, False), "use gradient_checkpointing"),
     "activation_checkpointing_kwargs": (_only(None, {}), "use gradient_checkpointing"),
     "chat_template": (_only(None), "give data_prep --chat_template FILE and train on its output"),
-    "attn_implementation": (_only(None, "sdpa", "auto"), "this version uses sdpa attention"),
 }
 
 
@@ -459,7 +457,6 @@ def markdown_table(own_fields: set[str]) -> str:
         fields = ", ".join(f"`{k}: {_short(v)}`" for k, v in ours.items())
         example = f"`{name}: {_short(value)}` -> {fields or '(honoured as is)'}"
         rows.append(f"| `{name}` | `{alias.ours}` | {example} | {alias.note} |")
-    own_fields = set(own_fields) | OWN_SOON
     own = sorted(own_fields & TRL_NAMES - set(ALIASES))
     rows += ["", f"Ours as they are (same name, same meaning): {', '.join(f'`{n}`' for n in own)}.", "",
              f"Ignored, listed in the start-up warning: {', '.join(f'`{n}`' for n in sorted(IGNORED))}.", "",
@@ -476,8 +473,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-# Our own fields on their way from other branches (issues 19 and 26); until then REFUSED's entries stand in.
-OWN_SOON = frozenset({"attn_implementation", "eval_on_start"})
 # TRL 1.16's and alignment-handbook's names that are also ours (for the README; tests/test_trl_names.py walks TRL).
 TRL_NAMES = frozenset({
     "output_dir", "run_name", "seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
