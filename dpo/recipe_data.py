@@ -260,9 +260,12 @@ def ensure_prepared(cfg: Any, log: Callable[[str], None]) -> Path:
 def check_prepared_lengths(cfg: Any) -> None:
     """max_length / max_prompt_length given with a prepared folder must be what it was prepared with."""
     path = Path(cfg.data_path) / "prep_report.json"
-    if not path.is_file():
+    if (cfg.max_length is None and cfg.max_prompt_length is None) or not path.is_file():
         return
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):  # the data contract (dpo.contract) refuses it with its own one-line reason
+        return
     for key in ("max_length", "max_prompt_length"):
         wanted = getattr(cfg, key)
         if wanted is not None and report.get(key) is not None and wanted != report[key]:

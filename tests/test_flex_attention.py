@@ -311,11 +311,13 @@ def test_bench_masks_counts_t_squared_dense_and_far_less_block(tmp_path):
 
 @pytest.mark.slow  # four tiny training rows
 def test_bench_long_runs_both_configurations_on_a_cpu(tmp_path):
-    from benchmarks import bench_long
-
     output = tmp_path / "long.json"
-    assert bench_long.main(["--shape", "tiny", "--lengths", "96", "--longest", "160", "--steps", "1", "--warmup", "1",
-                            "--workdir", str(tmp_path / "work"), "--output", str(output)]) == 0
+    # In its own process, as it is run: Accelerate's state (bf16 here) is per process.
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_long", "--shape", "tiny", "--lengths", "96",
+                           "--longest", "160", "--steps", "1", "--warmup", "1", "--workdir", str(tmp_path / "work"),
+                           "--output", str(output)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads(output.read_text())["rows"]}
     assert set(rows) == {"default@96", "padded_sdpa@96", "default@160/batch1/checkpointing",
                          "padded_sdpa@160/batch1/checkpointing"}
