@@ -22,8 +22,39 @@ import ctypes
 import os
 import sys
 
-M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 THRESHOLD_BYTES = 1 << 20
+_STEP_TRIM = False
+
+
+def _size(text: str) -> int:
+    return int(float(text[:-1]) * (1 << 20)) if text.endswith("m") else int(text)
+
+
+def _experiment(libc) -> int | None:  # EXPERIMENT (issue 22): DPO_HOST_MEMORY=mmap=1m,trim_threshold=..,arena=..,step_trim
+    global _STEP_TRIM
+    spec = os.environ.get("DPO_HOST_MEMORY", "mmap=1m")
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key == "mmap":
+            libc.mallopt(M_MMAP_THRESHOLD, _size(value))
+        elif key == "trim_threshold":
+            libc.mallopt(M_TRIM_THRESHOLD, _size(value))
+        elif key == "arena":
+            libc.mallopt(M_ARENA_MAX, int(value))
+        elif key == "step_trim":
+            _STEP_TRIM = True
+        elif key != "off":
+            raise ValueError(spec)
+    print(f"[host_memory] {spec}", file=sys.stderr)
+    return 1
+
+
+def between_steps() -> None:
+    """EXPERIMENT: malloc_trim at a step boundary."""
+    if _STEP_TRIM:
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def return_freed_memory(threshold_bytes: int = THRESHOLD_BYTES) -> int | None:
@@ -36,5 +67,6 @@ def return_freed_memory(threshold_bytes: int = THRESHOLD_BYTES) -> int | None:
         libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has mallopt as a no-op)
     except (OSError, AttributeError):
         return None
+    return _experiment(libc)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return threshold_bytes if mallopt(M_MMAP_THRESHOLD, threshold_bytes) == 1 else None

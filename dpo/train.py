@@ -46,7 +46,7 @@ from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import is_peft_model, load_policy
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
-from dpo.progress import progress_bar
+from dpo.progress import progress_bar, quiet_library_progress
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 from dpo.startup import (
@@ -171,6 +171,7 @@ def validate_startup(cfg: TrainConfig, log: Any) -> Path | None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow, read top to bottom
     return_freed_memory()  # peak RSS follows live tensors (dpo/host_memory.py)
+    quiet_library_progress()  # in a log file: no loading/saving bars from transformers and datasets
     # ---- accelerator, seed, output dir
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision,
                                     gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -255,7 +256,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
 
     # ---- the loop
     accumulator = MetricAccumulator(accelerator.device)
-    # Redirected to a log file (clusters, CI), redraw at most every 30 s rather than 10 times a second.
+    # Redirected to a log file (clusters, CI): a plain line at most every 30 s, no carriage-return redraws.
     progress = progress_bar(total=total_steps, initial=state.step, enabled=accelerator.is_main_process)
     step_start = time.perf_counter()
     last_eval: dict[str, float] = {}
