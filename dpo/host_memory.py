@@ -25,6 +25,13 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 THRESHOLD_BYTES = 1 << 20
 _STEP_TRIM = False
+_FWD_TRIM = [False]
+
+
+def after_forward() -> None:
+    """EXPERIMENT: malloc_trim after a forward, before the next big allocations."""
+    if _FWD_TRIM[0]:
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _size(text: str) -> int:
@@ -45,6 +52,10 @@ def _experiment(libc) -> int | None:  # EXPERIMENT (issue 22): DPO_HOST_MEMORY=m
             libc.mallopt(M_ARENA_MAX, int(value))
         elif key == "step_trim":
             _STEP_TRIM = True
+        elif key == "thp":
+            os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+        elif key == "fwd_trim":
+            _STEP_TRIM = _FWD_TRIM[0] = True
         elif key != "off":
             raise ValueError(spec)
     print(f"[host_memory] {spec}", file=sys.stderr)
