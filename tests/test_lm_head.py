@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_reordered_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo.layouts import make_collate
 from dpo.lm_head import chunked_head_logps, chunked_head_supported
 from dpo.logprobs import dense_head_logps, sequence_logps
-from tolerance import assert_reordered_close
 
 VOCAB = 48
 PAIRS = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import assert_reordered_close, reordered_sum_rtol
 
 
