@@ -149,7 +149,7 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     from accelerate import Accelerator
 
     from dpo.config import TrainConfig
-    from dpo.host_memory import between_steps, return_freed_memory
+    from dpo.host_memory import return_freed_memory
     from dpo.layouts import PACKED_SHARED, make_collate
     from dpo.masks import attention_spec
     from dpo.models import load_policy
@@ -202,7 +202,6 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
         accelerator.backward(out.loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        between_steps()
         times.append(time.perf_counter() - start)
     useful = useful_tokens(pairs[:cfg.batch_size])
     logits_rows = scored if flags.get("dense") else min(scored, args.chunk_size)  # the one [rows, V] fp32 tensor

@@ -230,7 +230,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     from accelerate import Accelerator
 
     from dpo.config import TrainConfig
-    from dpo.host_memory import between_steps, return_freed_memory
+    from dpo.host_memory import return_freed_memory
     from dpo.layouts import make_collate
     from dpo.models import load_policy
     from dpo.reference import build_reference
@@ -283,7 +283,6 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        between_steps()
         sync_device(device)
         if k >= args.warmup:
             step_times.append(time.perf_counter() - start)

@@ -37,7 +37,7 @@ from dpo.data import (
 from dpo.distributed import build_accelerator
 from dpo.errors import TrainingDiverged, UserError, run_cli
 from dpo.guard import DivergenceGuard
-from dpo.host_memory import after_forward, return_freed_memory
+from dpo.host_memory import return_freed_memory
 from dpo.layouts import choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
@@ -72,12 +72,10 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
                      ) -> StepOutput:
     """Reference log-probs (no grad), one policy forward over chosen and rejected together, then the loss."""
     ref_chosen, ref_rejected = reference.logps(batch)
-    after_forward()
     # Some losses want per-token means (SimPO's reward is length-normalised by definition, Meng et al. 2024, Eq. 4).
     average = cfg.average_log_prob or wants_mean_logps(cfg.loss_type)
     policy_out = sequence_logps(policy, batch, average=average, chunk_size=cfg.logits_chunk_size,
                                 with_log_sum_sq=cfg.use_weighting)
-    after_forward()
     policy_chosen, policy_rejected = answer_logps(policy_out, ld_alpha=cfg.ld_alpha)
     out = preference_loss(cfg.loss_type, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                           **loss_kwargs(cfg, policy_out, batch.pair_weight))

@@ -60,3 +60,42 @@ def test_a_threshold_set_by_the_user_is_kept() -> None:
     got = probe(call=True, user_threshold=64 << 20)
     assert got["threshold"] is None
     assert got["mapped_mb"] == 0  # 2 MiB blocks stay in the heap under the user's 64 MiB threshold
+
+
+HUGE_PROBE = """
+import re, sys
+import dpo  # first, as every entry point does
+import torch, transformers  # noqa: F401 - what a run imports before its first large tensor
+
+def huge_kb():
+    return int(re.search(r"AnonHugePages:\\s+(\\d+)", open("/proc/self/smaps_rollup").read()).group(1))
+
+before = huge_kb()
+block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+print(huge_kb() - before)
+"""
+
+
+def thp_mode() -> str:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    text = path.read_text() if path.is_file() else "[never]"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def huge_pages_kb(env_value: str | None) -> int:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if env_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = env_value
+    proc = subprocess.run([sys.executable, "-c", HUGE_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file() or thp_mode() != "madvise",
+                    reason="transparent huge pages on request (madvise mode) only")
+def test_importing_dpo_gives_large_tensors_huge_pages_unless_the_user_said_no() -> None:
+    """PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation: `import dpo` sets it early enough that a
+    64 MiB tensor is backed by 2 MiB pages (one fault each instead of 512); a user's 0 is kept (4 KiB pages)."""
+    assert huge_pages_kb(None) >= 32 << 10  # at least half of it: the block's ends need not be 2 MiB aligned
+    assert huge_pages_kb("0") == 0
