@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerance import assert_reordered_close
+from tolerance import assert_reordered_close, model_terms
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo.layouts import make_collate
@@ -84,14 +84,7 @@ def logps_and_grads(model, batch, *, chunked: bool, chunk_size: int = 5):
 
 
 def reduction_terms(model, batch) -> int:
-    """The lengths of the sums between the inputs and a log-prob and back to a weight's gradient: per layer the
-    hidden size, the MLP's width and the attended positions; the vocabulary (softmax, head); the positions a weight
-    gradient adds up."""
-    config = model.config
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    width = getattr(config, "intermediate_size", None) or 4 * hidden
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    return batch.input_ids.numel() + config.vocab_size + hidden + layers * (hidden + width + batch.input_ids.shape[-1])
+    return model_terms(model.config, positions=batch.input_ids.numel(), row_length=batch.input_ids.shape[-1])
 
 
 def assert_same(model, batch, *, chunk_size: int = 5) -> None:

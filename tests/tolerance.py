@@ -49,3 +49,13 @@ def assert_reordered_close(actual: torch.Tensor, expected: torch.Tensor, *, term
         f"{msg}: differ beyond reordering at flat index {worst}: "
         f"{float(actual.flatten()[worst])} vs {float(expected.flatten()[worst])}, "
         f"allowed {float(allowed.flatten()[worst]):.3g} ({terms} terms summed, rtol {rtol:.3g})")
+
+
+def model_terms(config: object, *, positions: int, row_length: int) -> int:
+    """The lengths of the sums between a decoder's inputs and a log-prob and back to a weight's gradient: per layer
+    the hidden size, the MLP's width and the attended positions (`row_length`); the final norm and the vocabulary
+    (head, softmax); the `positions` a weight gradient adds up."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    width = getattr(config, "intermediate_size", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    return positions + getattr(config, "vocab_size") + hidden + layers * (hidden + width + row_length)
