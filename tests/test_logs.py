@@ -156,3 +156,19 @@ def test_the_bitsandbytes_hub_kernel_notice_is_filtered_and_nothing_else(caplog)
                        "already `pip install kernels` and the kernels >= 0.11.1", "no network")
         logger.warning("some other bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+
+
+def test_data_prep_redirected_writes_no_bars(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """datasets draws "Saving the dataset" bars, carriage returns and all, even into a file: off there."""
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(f'{{"prompt": "Question {n}?", "chosen": " yes {n}", "rejected": " no {n}"}}\n'
+                           for n in range(40)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "stderr.log", "w") as err:
+        command = [sys.executable, "-m", "data_prep", "--input", str(raw), "--tokenizer", str(tokenizer_dir)]
+        done = subprocess.run([*command, "--output", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=err, env=env, timeout=300)
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert done.returncode == 0, stderr[-2000:]
+    assert (tmp_path / "out" / "train").is_dir()
+    assert "\r" not in stderr and "Saving the dataset" not in stderr, stderr[-2000:]
