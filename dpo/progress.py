@@ -14,6 +14,9 @@ import sys
 import time
 from typing import IO, Any, Callable
 
+import datasets
+import huggingface_hub.utils
+import transformers
 from tqdm.auto import tqdm
 
 LOG_INTERVAL_S = 30.0
@@ -88,10 +91,6 @@ def quiet_library_progress(stream: IO[str] | None = None) -> None:
     the run's own lines do not. On a terminal they stay: loading a large model can take minutes."""
     if (stream if stream is not None else sys.stderr).isatty():
         return
-    import datasets
-    import huggingface_hub.utils
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
