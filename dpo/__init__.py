@@ -3,12 +3,6 @@ loop (`python -m dpo.train`) and its outputs. Data preparation is the sibling pa
 
 import logging
 
-from dpo.host_memory import request_huge_pages
-
-# Before PyTorch's first CPU allocation, which reads it once (dpo/host_memory.py): every entry point imports this
-# package before it imports torch.
-request_huge_pages()
-
 
 class _OptionalHubKernelNotice(logging.Filter):
     """bitsandbytes (the `qlora` extra) tries, when imported on a CPU with AVX512-BF16, to fetch an optional 4-bit

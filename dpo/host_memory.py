@@ -1,26 +1,24 @@
-"""Host memory that tensors free goes back to the operating system (glibc's malloc), so peak RSS follows live tensors,
-without paying a page fault per 4 KiB for it.
+"""Host memory that tensors free goes back to the operating system (glibc's malloc), so peak RSS follows live tensors.
 
-    request_huge_pages()    # when the `dpo` package is imported, before PyTorch's first CPU allocation
     return_freed_memory()   # once, before the models load; returns the threshold set, or None where it does nothing
 
 PyTorch's CPU tensors come from malloc. glibc serves a request below its mmap threshold from the heap, and its
 threshold rises on its own, up to 32 MiB, as large blocks are freed - so after the first step nearly every
 activation (a few to a few tens of MB at real sizes) lives in the heap, where memory freed between two live blocks
-stays resident. Measured on the memory benchmark's Qwen2-shaped model (vocabulary 151,936, four 1k-token pairs, full
-fine-tune, two steps): peak RSS 3,132 MB with glibc's own threshold, 2,654 MB with a fixed 1 MiB threshold (which
-also stops glibc raising it): every block of 1 MiB or more is its own mapping, returned on free. Trimming the heap
-(`malloc_trim`) at step boundaries or after each forward did not help (3,164 and 3,126 MB): the memory is held
-inside the step, between live blocks.
+stays resident. A fixed threshold (which also stops glibc raising it) makes every block of 1 MiB or more its own
+mapping, returned on free.
 
-The price of a fresh mapping is a page fault per 4 KiB page touched: ~20% of the throughput benchmark's step on long
-prompts (issue 22), more in system time. PyTorch's allocator can ask the kernel for transparent huge pages on blocks
-of 2 MiB or more (`THP_MEM_ALLOC_ENABLE=1`, madvise), one fault per 2 MiB: that took the cost back with the same
-peak (README, Benchmarks). PyTorch reads that variable once, at its first CPU allocation, so it is set when this
-package is imported, before anything allocates; where the kernel's THP mode is `never` it does nothing.
+The trade (measured 2026-12-04, README "Host memory against speed"): on the memory benchmark's Qwen2-shaped model
+(vocabulary 151,936, four 1k-token pairs, full fine-tune) peak RSS 2,654 MB at 1 MiB against 3,132 MB with glibc's
+own threshold; on the throughput benchmark's long multi-turn prompts the fresh mappings' page faults and zeroing cost
+~25% of the useful tokens per CPU-second. Nothing measured kept both: `malloc_trim` at step boundaries or after each
+forward (peak 3,164 / 3,126 MB: the memory is held inside the step), fixed thresholds of 4 or 16 MiB (2,713 MB and
+as slow; 2,840 MB and half the cost), PyTorch's transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`: no faster). The
+default keeps the memory; `MALLOC_MMAP_THRESHOLD_=268435456` in the environment chooses the speed (issue 22's
+figure).
 
-A setting the user made is kept: `MALLOC_MMAP_THRESHOLD_` or `THP_MEM_ALLOC_ENABLE` in the environment, and every
-allocator that is not glibc's (musl, macOS, jemalloc/tcmalloc preloaded: `mallopt` is then absent or ignored).
+A threshold the user set (`MALLOC_MMAP_THRESHOLD_` in the environment) is kept, and so is every allocator that is
+not glibc's (musl, macOS, jemalloc/tcmalloc preloaded: `mallopt` is then absent or ignored).
 """
 
 from __future__ import annotations
@@ -31,13 +29,6 @@ import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 THRESHOLD_BYTES = 1 << 20
-HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch's CPU allocator (c10/core/alloc_cpu.cpp)
-
-
-def request_huge_pages() -> None:
-    """Transparent huge pages for PyTorch's CPU blocks of 2 MiB or more, unless the user chose; Linux only."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
 
 
 def return_freed_memory(threshold_bytes: int = THRESHOLD_BYTES) -> int | None:

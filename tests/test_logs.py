@@ -107,7 +107,24 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_a_terminal_gets_the_live_bar_and_keeps_the_library_bars() -> None:
+@pytest.fixture
+def library_bars_restored():
+    """The bars on before the test (an in-process training run of an earlier test turned them off) and after it."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    def enable() -> None:
+        transformers.utils.logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        huggingface_hub.utils.enable_progress_bars()
+
+    enable()
+    yield
+    enable()
+
+
+def test_a_terminal_gets_the_live_bar_and_keeps_the_library_bars(library_bars_restored) -> None:
     import datasets
     import transformers
     from tqdm.auto import tqdm
@@ -120,18 +137,6 @@ def test_a_terminal_gets_the_live_bar_and_keeps_the_library_bars() -> None:
     assert isinstance(progress_bar(total=3, initial=0, enabled=True, file=io.StringIO()), LineProgress)
     quiet_library_progress(Terminal())
     assert transformers.utils.logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
-
-
-@pytest.fixture
-def library_bars_restored():
-    import datasets
-    import huggingface_hub.utils
-    import transformers
-
-    yield
-    transformers.utils.logging.enable_progress_bar()
-    datasets.enable_progress_bars()
-    huggingface_hub.utils.enable_progress_bars()
 
 
 def test_library_bars_are_off_when_stderr_is_a_file(library_bars_restored) -> None:
