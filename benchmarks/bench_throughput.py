@@ -229,6 +229,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     # (CUDA_VISIBLE_DEVICES) before anything that may initialise CUDA is imported.
     from accelerate import Accelerator
 
+    from benchmarks.pieces import update
     from dpo.config import TrainConfig
     from dpo.host_memory import return_freed_memory
     from dpo.layouts import make_collate
@@ -279,10 +280,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         start, start_cpu = time.perf_counter(), time.process_time()
         batch = collate(pairs_k, None).to(device)
         out = forward_and_loss(policy, reference, batch, cfg)
-        accelerator.backward(out.loss)
-        accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(policy, optimizer, accelerator, out.loss, cfg)
         sync_device(device)
         if k >= args.warmup:
             step_times.append(time.perf_counter() - start)

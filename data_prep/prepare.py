@@ -343,7 +343,9 @@ def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
         "pairs_written": {"train": len(splits["train"]), "eval": len(splits.get("eval", []))},
         "skipped": skips.counts,
         "skipped_examples": skips.examples,
-        "truncated_pairs": sum(pair.truncated for pair in written),
+        "truncated_pairs": sum(pair.truncated for pair in written),  # both splits, as before the split counts
+        "truncated_pairs_by_split": {"train": sum(pair.truncated for pair in splits["train"]),
+                                     "eval": sum(pair.truncated for pair in splits.get("eval", []))},
         "boundary_adjusted": sum(pair.boundary_adjusted for pair in written),
         "format": formats,
         "tokenizer": {

@@ -3,7 +3,8 @@
 `checkpoint-STEP/` holds Accelerate's model and optimizer state (safetensors and tensor-only torch files; under
 DeepSpeed its engine files), and, written by this module as JSON: `trainer_state.json` (step, early stopping),
 `scheduler_state.json` (the LR scheduler), `rng_state_RANK.json` (Python, NumPy and torch generators of every
-process) and `run_config.json` (the resolved config of the run). `manifest.json`, written last, lists every file
+process), `run_config.json` (the resolved config of the run) and `topology.json` (processes, engine, batch; see
+dpo/resize.py for a resume on another number of processes). `manifest.json`, written last, lists every file
 with its size and sha256. The folder is written under a temporary name (`.tmp-checkpoint-STEP`, known to every
 process) and put in place when complete (`dpo.atomic.replace_folder`).
 
@@ -40,6 +41,7 @@ STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 SCHEDULER_FILE = "scheduler_state.json"
 CONFIG_FILE = "run_config.json"
+TOPOLOGY_FILE = "topology.json"
 MANIFEST_VERSION = 1
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -178,7 +180,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerState, *, scheduler: Any,
                     run_config: dict[str, Any], save_total_limit: int | None,
-                    save_extra: Callable[[Path], None] | None = None) -> Path:
+                    save_extra: Callable[[Path], None] | None = None, topology: dict[str, Any] | None = None
+                    ) -> Path:
     """Every process calls this (DeepSpeed saves its shards from each); the main process renames and rotates.
 
     `save_extra(folder)` (called on every process) adds files to the checkpoint before its manifest is written
@@ -202,6 +205,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=2))
             (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
+            if topology is not None:
+                (tmp / TOPOLOGY_FILE).write_text(json.dumps(topology, indent=2))
             write_manifest(tmp)  # last: a checkpoint with a manifest is complete
         replace_folder(tmp, final)  # an older checkpoint of this step goes only once this one is in place
         if save_total_limit:
@@ -249,14 +254,24 @@ def read_run_config(path: str | Path) -> dict[str, Any] | None:
     return _read_json(config) if config.is_file() else None
 
 
-def load_checkpoint(accelerator: Any, path: str | Path, *, scheduler: Any) -> TrainerState:
-    """Model, optimizer, scheduler, generators and trainer state of a checkpoint verified by resolve_resume_path."""
-    path = Path(path)
+def checkpoint_torch_load(accelerator: Any) -> contextlib.AbstractContextManager[None]:
+    """`tensors_only_torch_load` with the plain-data classes this accelerator's engine files need."""
     allowed = []
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         allowed = deepspeed_checkpoint_globals()
-    with tensors_only_torch_load(allowed):
-        accelerator.load_state(str(path))
+    return tensors_only_torch_load(allowed)
+
+
+def load_checkpoint(accelerator: Any, path: str | Path, *, scheduler: Any, engine_state_dir: Path | None = None,
+                    restore_rng: bool = True) -> TrainerState:
+    """Model, optimizer, scheduler, generators and trainer state of a checkpoint verified by resolve_resume_path.
+
+    `engine_state_dir`: where the model and optimizer state are read instead (a universal conversion of this
+    checkpoint for another number of processes, dpo/resize.py); `restore_rng=False` leaves the generators to the
+    caller (after such a resize the processes no longer correspond)."""
+    path = Path(path)
+    with checkpoint_torch_load(accelerator):
+        accelerator.load_state(str(engine_state_dir or path))
     raw = _read_json(path / STATE_FILE)
     known = {f.name for f in fields(TrainerState)}
     if not isinstance(raw, dict) or set(raw) - known:
@@ -265,6 +280,8 @@ def load_checkpoint(accelerator: Any, path: str | Path, *, scheduler: Any) -> Tr
     if not isinstance(scheduler_state, dict):
         raise CheckpointError(f"{path / SCHEDULER_FILE}: not a scheduler state")
     scheduler.load_state_dict(scheduler_state)
+    if not restore_rng:
+        return TrainerState(**raw)
     rng_file = path / f"rng_state_{accelerator.process_index}.json"
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file}: missing (was the checkpoint written by fewer processes?)")

@@ -20,9 +20,11 @@ from typing import Any
 
 import yaml
 
-from dpo import losses
+from dpo import losses, preemption, trl_names
 from dpo.atomic import write_text_atomic
 from dpo.errors import UserError
+from dpo.mixture import MixtureError, parse_mixture
+from dpo.trl_names import Translation
 
 
 class ConfigError(UserError):
@@ -38,6 +40,12 @@ class TrainConfig:
     data_path: str = ""  # a data_prep output dir (train/, optional eval/, prep_report.json, tokenizer/)
     output_dir: str = "runs/dpo"  # where config.yaml, metrics.jsonl, tensorboard/, checkpoints and final/ go
     run_name: str | None = None  # the wandb run name
+    # --- raw data named by the recipe: prepared on first use into a cache, reused after (dpo/recipe_data.py)
+    dataset_mixture: dict[str, Any] | None = None  # {datasets: [{id, config, split, columns, weight}], seed, ...}
+    max_length: int | None = None  # raw data: prompt + answer tokens, each side (prep's default 1024)
+    max_prompt_length: int | None = None  # raw data: prompt tokens (prep's default max_length // 2)
+    dataset_num_proc: int | None = None  # raw data: tokenizer processes of data prep
+    data_cache_dir: str = ""  # prepared raw data; "" is $DPO_DATA_CACHE, else ~/.cache/dpo-pipeline/data
     # --- DPO objective
     beta: float = 0.1  # strength of the pull toward the reference (DPO's β); 0.1 is the paper's default
     loss_type: str | list[str] = "sigmoid"  # a loss of dpo/losses.py (README table) or a list of them, mixed
@@ -69,12 +77,14 @@ class TrainConfig:
     load_in_8bit: bool = False  # the LoRA base in 8-bit LLM.int8() (needs bitsandbytes)
     # --- batches and schedule
     batch_size: int = 4  # pairs per device per micro-step
-    eval_batch_size: int | None = None  # defaults to batch_size
+    eval_batch_size: int | None = None  # eval pairs per device per forward; none: 2 x batch_size (no-grad: it fits)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     max_steps: int = -1  # optimizer steps; -1: num_epochs over the data
     num_epochs: float = 1.0  # passes over the training pairs (fractions allowed) when max_steps is -1
     learning_rate: float = 5e-6  # peak AdamW learning rate
     lr_scheduler: str = "cosine"  # cosine | linear | constant (all with linear warm-up)
+    min_lr_rate: float = 0.0  # cosine: decay to this fraction of the peak learning rate instead of 0
+    optim: str = "adamw"  # adamw | rmsprop (torch's RMSprop at its defaults, as TrainingArguments' rmsprop)
     warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     weight_decay: float = 0.0  # AdamW weight decay (not on biases and norms)
@@ -84,23 +94,29 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42  # seeds the weights of new layers and the order of the pairs
     # --- layout and precision
-    layout: str = "auto"  # auto (fastest layout proven exact on this model) | packed | padded; see dpo/layouts.py
+    layout: str = "auto"  # auto (fastest exact layout on this model) | packed | padded | single; see dpo/layouts.py
     prefix_sharing: bool | None = None  # one [prompt | chosen | rejected] sequence per pair; none: auto (probed)
     max_tokens_per_row: int = 2048  # packed layouts: bound on one packed row (attention cost is quadratic)
+    attn_implementation: str = "auto"  # auto (flex on CUDA, else sdpa)|sdpa|eager|flex_attention|flash_attention_2|3
+    allow_nondeterministic_train: bool = False  # train a model that stays random in train mode with dropout off
     logits_chunk_size: int = 256  # scored positions per LM-head chunk: extra memory ~ 3 x chunk x vocab x 4 bytes
     mixed_precision: str = "no"  # no | bf16 | fp16
     torch_dtype: str = "auto"  # auto|bf16|fp16|fp32 of frozen weights (LoRA base, reference); auto: model's if mixed
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about one more forward
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only for folders you trust)
     # --- logging, evaluation, checkpoints
-    logging_steps: int = 1  # write train metrics every N optimizer steps
-    eval_steps: int = 0  # 0: evaluate only at the end
+    logging_steps: int | float | str = 1  # write train metrics every N steps (float < 1: share of the run; epoch)
+    eval_steps: int | float | str = 0  # 0: evaluate only at the end (float < 1: every that share of the run; epoch)
+    eval_on_start: bool = False  # also evaluate the starting model before the first update, logged as step 0
+    eval_max_pairs: int | None = None  # evaluate a fixed, seeded subset of this many eval pairs; none: all of them
+    do_eval: bool = True  # false: no evaluation, even when the data has an eval split
     max_logratio: float | None = None  # warn when |eval logratio/chosen| exceeds this (drift from the reference)
     early_stopping_patience: int | None = None  # evaluations without improvement of eval loss
     early_stopping_min_delta: float = 0.0  # a smaller fall of the eval loss is no improvement
-    save_steps: int = 0  # 0: no intermediate checkpoints
+    save_steps: int | float | str = 0  # 0: no intermediate checkpoints (float < 1: share of the run; epoch)
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
+    save_on_signal: str | list[str] = "SIGTERM,SIGUSR1"  # on these: finish the step, checkpoint, exit 75; none: off
     resume_allow_changes: bool = False  # resume even when settings that change the run differ from the checkpoint's
     overwrite_output_dir: bool = False  # a fresh run replaces an earlier run's checkpoints, metrics and final model
     use_wandb: bool = False  # also log to Weights & Biases (pip install wandb)
@@ -117,8 +133,11 @@ class TrainConfig:
             "reference": ("auto", "model", "adapters_disabled", "precomputed"),
             "lr_scheduler": ("cosine", "linear", "constant"),
             "mixed_precision": ("no", "bf16", "fp16"),
-            "layout": ("auto", "padded", "packed"),
+            "layout": ("auto", "padded", "packed", "single"),
             "torch_dtype": ("auto", "bf16", "fp16", "fp32"),
+            "attn_implementation": ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                                    "flash_attention_3"),
+            "optim": ("adamw", "rmsprop"),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -129,14 +148,34 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)!r}")
         for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps", "eval_steps",
                     "save_steps"):
-            if getattr(self, key) < 0:
+            if not isinstance(getattr(self, key), str) and getattr(self, key) < 0:  # "epoch": checked below
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
+        for key in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, key)
+            if isinstance(value, float) and not 0 < value < 1:
+                raise ConfigError(f"{key}: a float must be a share of the run in (0, 1), got {value!r}")
+            if isinstance(value, str) and value != "epoch":
+                raise ConfigError(f"{key}: a number of steps, a share of the run below 1, or epoch; got {value!r}")
+        if not 0 <= self.min_lr_rate < 1:
+            raise ConfigError(f"min_lr_rate: must be in [0, 1), got {self.min_lr_rate!r}")
+        if self.min_lr_rate and self.lr_scheduler != "cosine":
+            raise ConfigError("min_lr_rate: applies to lr_scheduler cosine")
+        if self.dataset_mixture is not None and self.data_path:
+            raise ConfigError("dataset_mixture and data_path: give one (raw data to prepare, or a prepared folder)")
+        if self.dataset_mixture is not None:
+            try:
+                parse_mixture(self.dataset_mixture)
+            except MixtureError as error:
+                raise ConfigError(str(error)) from None
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps: must be -1 (use num_epochs) or > 0, got {self.max_steps!r}")
         if self.max_steps == -1 and not self.num_epochs > 0:
             raise ConfigError(f"num_epochs: must be > 0 when max_steps is -1, got {self.num_epochs!r}")
+        for key in ("eval_batch_size", "eval_max_pairs"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 (or none), got {getattr(self, key)!r}")
         if self.logging_steps == 0:
             raise ConfigError("logging_steps: must be >= 1")
         if self.reference == "adapters_disabled" and not self.lora:
@@ -147,6 +186,8 @@ class TrainConfig:
             raise ConfigError(f"max_logratio: must be > 0, got {self.max_logratio!r}")
         if self.merge_lora and not self.lora:
             raise ConfigError("merge_lora: needs --lora")
+        if self.layout == "single" and self.prefix_sharing:
+            raise ConfigError("layout single runs each sequence alone: it cannot share a prompt (prefix_sharing)")
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise ConfigError("overwrite_output_dir: cannot be combined with resume_from_checkpoint (one removes "
                               "the checkpoints the other resumes from)")
@@ -155,6 +196,10 @@ class TrainConfig:
         if (self.load_in_4bit or self.load_in_8bit) and not self.lora:
             raise ConfigError(f"{'load_in_4bit' if self.load_in_4bit else 'load_in_8bit'}: quantised weights cannot "
                               f"be fine-tuned in full; add --lora (QLoRA trains adapters on the quantised base)")
+        try:
+            preemption.parse_signals(self.save_on_signal)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._validate_objective()
 
     def _validate_objective(self) -> None:
@@ -232,6 +277,11 @@ def _coerce(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
         if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
             return value
         raise ConfigError(f"{key}: expected a name or a non-empty list of names, got {value!r}")
+    if set(typing.get_args(tp)) == {int, float, str}:  # a step count, a share of the run below 1, or "epoch"
+        if value == "epoch":
+            return value
+        number = _coerce(key, value, float, from_cli=from_cli)
+        return int(number) if number.is_integer() else number
     inner, optional = _strip_optional(tp)
     if value is None or (from_cli and optional and str(value).lower() in ("none", "null")):
         if optional:
@@ -272,6 +322,15 @@ def _coerce(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typing.get_origin(inner) is dict:
+        if from_cli and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     if typing.get_origin(inner) is list:
         if from_cli and isinstance(value, str):
             value = _cli_list(value)
@@ -283,9 +342,23 @@ def _coerce(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
     raise ConfigError(f"{key}: unsupported type {want}")  # pragma: no cover - guards new fields
 
 
-def _apply(values: dict[str, Any], updates: dict[str, Any], *, from_cli: bool, source: str) -> None:
+def _apply(values: dict[str, Any], updates: dict[str, Any], *, from_cli: bool, source: str,
+           translation: Translation) -> None:
+    """Updates from one source, TRL's names translated to ours (dpo/trl_names.py)."""
     hints = _type_hints()
-    for key, value in updates.items():
+    if from_cli:  # TRL-only names come as text: read it as YAML would (true, 0.5, [a, b], {k: v})
+        updates = {k: (_yaml_value(v) if trl_names.is_known(k) else v) for k, v in updates.items()}
+    try:
+        got = trl_names.translate(updates, set(hints))
+    except trl_names.Refusal as refusal:
+        raise ConfigError(f"{refusal} in {source}") from None
+    for name in updates:  # a later source (the command line) may set a refused name to a value we honour
+        translation.refused.pop(name, None)
+    translation.refused.update({k: f"{v} ({source})" for k, v in got.refused.items()})
+    translation.ignored += got.ignored
+    if got.values.get("dataset_mixture") is not None:
+        translation.ignored += trl_names.ignored_columns(got.values["dataset_mixture"])
+    for key, value in got.values.items():
         if key not in hints:
             raise ConfigError(f"unknown key {key!r} in {source}")
         values[key] = _coerce(key, value, hints[key], from_cli=from_cli)
@@ -308,13 +381,13 @@ def _parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
                 raise ConfigError("--config needs a path")
             i += 1 if eq else 2
             continue
-        if name not in hints:
+        if name not in hints and not trl_names.is_known(name):
             raise ConfigError(f"unknown key {name!r} on the command line")
         if eq:
             updates[name] = inline
             i += 1
             continue
-        is_bool = _strip_optional(hints[name])[0] is bool
+        is_bool = _strip_optional(hints[name])[0] is bool if name in hints else trl_names.is_flag(name)
         nxt = argv[i + 1] if i + 1 < len(argv) else None
         if is_bool and (nxt is None or nxt.startswith("--")):
             updates[name] = "true"  # a bare boolean flag means true
@@ -333,6 +406,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         argv = sys.argv[1:]
     config_path, cli_updates = _parse_cli(list(argv))
     values: dict[str, Any] = {}
+    translation = trl_names.Translation({}, [], {})
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
@@ -345,9 +419,22 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"config: {where} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {config_path} must hold a mapping of key: value")
-        _apply(values, loaded, from_cli=False, source=config_path)
-    _apply(values, cli_updates, from_cli=True, source="the command line")
-    return TrainConfig(**values)
+        _apply(values, loaded, from_cli=False, source=config_path, translation=translation)
+    _apply(values, cli_updates, from_cli=True, source="the command line", translation=translation)
+    if translation.refused:
+        raise ConfigError(next(iter(translation.refused.values())))
+    cfg = TrainConfig(**values)
+    line = trl_names.warning_line(translation.ignored)
+    if line and os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        print(line, file=sys.stderr)
+    return cfg
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

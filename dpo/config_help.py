@@ -91,7 +91,9 @@ def format_help(prog: str, description: str, *, extra_flags: tuple[tuple[str, st
     """The full `--help` text: usage, what the command does, then every flag grouped by section."""
     lines = [f"usage: {prog} [--config RECIPE.yaml] [--name value ...]", "", description.strip(), "",
              "A recipe (--config) sets flags from YAML; flags on the command line win. `--name value` or",
-             "`--name=value`; a bare boolean flag means true; `none` clears an optional value.", "",
+             "`--name=value`; a bare boolean flag means true; `none` clears an optional value. TRL's and",
+             "alignment-handbook's names (model_name_or_path, per_device_train_batch_size, bf16, dataset_mixture,",
+             "...) are read as these flags: README, Coming from TRL (dpo/trl_names.py).", "",
              "  --config PATH                            a YAML recipe of the flags below"]
     lines += [f"  {flag:<40} {text}" for flag, text in extra_flags]
     section = None

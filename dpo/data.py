@@ -16,7 +16,7 @@ import datasets
 import torch
 
 from dpo.contract import REF_COLUMNS, TOKEN_COLUMNS
-from dpo.masks import PAD, SHARED, AttentionSpec, build_attention_mask
+from dpo.masks import PAD, SHARED, AttentionSpec, SegmentMask, build_attention_mask
 
 
 @dataclass
@@ -26,19 +26,22 @@ class PreferenceBatch:
     input_ids:      [R, T] long, pad positions hold the pad id
     position_ids:   [R, T] long, restart at 0 for each packed sequence
     attention_mask: [R, T] long (padded layout), or for the packed layouts an [R, 1, T, T] float additive mask,
-                    or a mapping {layer type: such a mask} for models with several kinds of attention layers
-                    (`dpo.masks`)
+                    or a mapping {layer type: such a mask} for models with several kinds of attention layers,
+                    or its block-sparse form (a SegmentMask, for FlexAttention), or None (FlashAttention's
+                    varlen path: the position ids mark the sequences) (`dpo.masks`)
     target_ids:     [R, T] long, the token predicted at each position (0 where unscored)
     target_seq:     [R, T] long, sequence index in [0, 2B) of each scored prediction, -1 elsewhere
     pair_weight:    [B] float, 1 for real pairs, 0 for pairs that only pad the last eval batch
     num_tokens:     tokens of prompt+chosen plus prompt+rejected over real pairs, whatever the layout
                     (the "useful tokens" of tokens_per_second, so layouts compare fairly)
     ref_chosen_logps / ref_rejected_logps: [B] float, precomputed reference log-probs when the data has them
+    alone:          each row runs as its own forward, cut to its real tokens (no padding, no mask): the layout of
+                    last resort for a model that no batched layout serves exactly (`dpo.layouts.SINGLE`)
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | dict[str, torch.Tensor]
+    attention_mask: torch.Tensor | dict[str, torch.Tensor] | SegmentMask | None
     target_ids: torch.Tensor
     target_seq: torch.Tensor
     pair_weight: torch.Tensor
@@ -46,6 +49,7 @@ class PreferenceBatch:
     num_tokens: int
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
+    alone: bool = False
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         def move(t: Any) -> Any:
@@ -64,6 +68,7 @@ class PreferenceBatch:
             num_tokens=self.num_tokens,
             ref_chosen_logps=move(self.ref_chosen_logps),
             ref_rejected_logps=move(self.ref_rejected_logps),
+            alone=self.alone,
         )
 
 
@@ -226,7 +231,8 @@ def collate_padded(pairs: list[dict[str, Any]], *, pad_token_id: int, weights: l
 
 
 def collate_packed(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens_per_row: int,
-                   weights: list[float] | None = None, attention: AttentionSpec | None = None) -> PreferenceBatch:
+                   weights: list[float] | None = None, attention: AttentionSpec | None = None,
+                   mask_form: str = "dense") -> PreferenceBatch:
     """The 2B sequences packed first-fit decreasing into rows of at most `max_tokens_per_row` tokens.
 
     Position ids restart at 0 for each sequence, and an explicit 4D mask (`dpo.masks`, with the windows and chunks
@@ -234,7 +240,8 @@ def collate_packed(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens
     position ids to their mask builder and would otherwise attend across sequences. Rows are never wider than the
     longest sequence: the mask is dense on CPU, so attention costs rows x width², and wider rows only add
     masked-out work. Rows are right-padded to the longest row; padding continues the last sequence's positions,
-    sees only itself and is never scored.
+    sees only itself and is never scored. `mask_form` (`dpo.masks.build_attention_mask`): "block" for
+    FlexAttention, "varlen" for FlashAttention (no mask: the restarting position ids mark the sequences).
     """
     weights = weights if weights is not None else [1.0] * len(pairs)
     seqs, prompt_lens = sequences_of(pairs)
@@ -261,7 +268,7 @@ def collate_packed(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens
             last = int(position_ids[r, offset - 1])
             position_ids[r, offset:] = torch.arange(last + 1, last + 1 + width - offset)
     branch = torch.where(segment >= 0, SHARED, PAD)
-    attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec())
+    attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec(), form=mask_form)
     ref_chosen, ref_rejected = ref_logps_of(pairs)
     return PreferenceBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, target_ids=target_ids,

@@ -3,14 +3,17 @@
 Distribution lives in `accelerate_configs/*.yaml` (and the `ds_configs/*.json` they point at); this module only
 adds what Accelerate does not do by itself: the gloo backend when CUDA is absent (DeepSpeed's CPU accelerator
 needs it, and without it each process believes it is alone), and an inference-only DeepSpeed engine for a frozen
-reference model, sharded like the policy under ZeRO-3.
+reference model, sharded like the policy under ZeRO-3, and DeepSpeed's universal-checkpoint conversion for a resume on
+another number of processes (dpo/resize.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,3 +121,15 @@ def deepspeed_checkpoint_globals() -> list[Any]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [ZeroStageEnum, fragment_address, LossScaler]
+
+
+def to_universal_checkpoint(engine_folder: Path, target: Path) -> None:
+    """DeepSpeed's conversion of a ZeRO checkpoint (`engine_folder`, any number of processes and stage) into a
+    universal one at `target` (per parameter: fp32 weights, Adam moments, step), which `checkpoint.load_universal`
+    loads on any number of processes. One worker: the conversion stays in this process, where the caller's
+    tensors-only `torch.load` applies to every file it reads."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(engine_folder), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True))

@@ -5,7 +5,8 @@
 A `UserError` is a mistake the user can fix (a missing path, a batch larger than the data, a corrupted or
 mismatched checkpoint); its message is the whole report. A full disk (ENOSPC, EDQUOT) is reported the same way,
 naming the file. `TrainingDiverged` exits 3. Anything else is a bug or an environment failure: it propagates with
-its traceback.
+its traceback. `RunPreempted` (a run stopped on the scheduler's signal after saving a checkpoint, dpo/preemption.py)
+exits 75, EX_TEMPFAIL: requeue and resume.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a job script requeues on it
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -30,6 +32,10 @@ class UserError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """A NaN or infinite loss, gradient norm or parameter: the run stops before anything is saved."""
+
+
+class RunPreempted(Exception):
+    """The run stopped on a signal after writing a checkpoint; the message says which and how to resume."""
 
 
 def one_line(message: str) -> str:
@@ -46,7 +52,8 @@ def _say(line: str) -> None:
 
 
 def run_cli(prog: str, body: Callable[[], object]) -> int:
-    """Run `body`; 0 on success, 2 with one line for a user error or a full disk, 3 when training diverged."""
+    """Run `body`; 0 on success, 2 with one line for a user error or a full disk, 3 when training diverged, 75 when
+    it stopped on a signal with a checkpoint to resume from."""
     try:
         body()
     except UserError as exc:
@@ -55,6 +62,9 @@ def run_cli(prog: str, body: Callable[[], object]) -> int:
     except TrainingDiverged as exc:
         _say(f"{prog}: {one_line(str(exc))}")
         return EXIT_DIVERGED
+    except RunPreempted as exc:
+        _say(f"{prog}: {one_line(str(exc))}")
+        return EXIT_PREEMPTED
     except OSError as exc:
         if exc.errno not in _DISK_FULL:
             raise

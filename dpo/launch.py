@@ -6,6 +6,8 @@
 `CalledProcessError` from one process, a `ChildFailedError` from torch's elastic agent for several), which would
 bury dpo.train's one-line error and turn its exit 2 into 1. Here the processes' own output stands alone (a user
 error's line, an internal error's traceback) and the launcher exits with the first failing process's status.
+SIGTERM, SIGUSR1, SIGUSR2 and SIGHUP reach the training processes (dpo/preemption.py), which save a checkpoint and
+exit 75 when their `save_on_signal` names the signal; the launcher then exits 75 too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import subprocess
 import sys
 
 from accelerate.commands.launch import launch_command, launch_command_parser
+
+from dpo.preemption import forward_signals_to_workers
 
 
 def failed_exit_code(exc: BaseException) -> int | None:
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
     # The elastic agent logs each failed process again, with a traceback-like summary; the process said it already.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    forward_signals_to_workers()
     try:
         launch_command(args)
     except Exception as exc:  # noqa: BLE001 - only launcher failures are translated; anything else re-raises

@@ -157,7 +157,13 @@ def _unsupported_reason(lm: torch.nn.Module, head: torch.nn.Module | None, probe
     if any(hasattr(p, "ds_id") for p in head.parameters()):
         return "the head weight is partitioned by DeepSpeed ZeRO-3"
     captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    autocast: list[bool] = []  # whether the model's own head ran under autocast (Accelerate's mixed precision)
+
+    def capture(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured.append(args[0])
+        autocast.append(torch.is_autocast_enabled(args[0].device.type))
+
+    handle = head.register_forward_pre_hook(capture)
     was_training = lm.training
     lm.eval()  # LoRA dropout on the head would make the two computations differ
     try:
@@ -172,8 +178,11 @@ def _unsupported_reason(lm: torch.nn.Module, head: torch.nn.Module | None, probe
         lm.train(was_training)
     if mine is None:
         return f"{type(lm).__name__}'s forward called its output embedding {len(captured)} times, not once"
+    # fp32 end to end: agreement to rounding. Otherwise (16-bit weights, or the model's head under bf16/fp16
+    # autocast while this one runs in fp32) the two differ by 16-bit rounding, ~1e-3 of the logits' scale.
+    precise = want.dtype == torch.float32 and head.weight.dtype == torch.float32 and not any(autocast)
     want, mine = want.float(), mine.float()
-    tolerance = 1e-4 if want.dtype == torch.float32 and head.weight.dtype == torch.float32 else 2e-2
+    tolerance = 1e-4 if precise else 2e-2
     if mine.shape != want.shape or not torch.allclose(mine, want, rtol=tolerance, atol=tolerance):
         gap = (mine - want).abs().max().item() if mine.shape == want.shape else "shape"
         return f"{type(lm).__name__}'s logits are not head(hidden) with the known transforms (max gap {gap})"
@@ -190,6 +199,30 @@ def chunked_head_supported(model: torch.nn.Module, probe_ids: torch.Tensor) -> b
                   f"vocab)", file=sys.stderr)
         _VERDICTS[lm] = reason is None
     return _VERDICTS[lm]
+
+
+# Whether a model class takes a boolean [R, T] `logits_to_keep` (transformers >= ~5.2x); older releases index
+# hidden[:, logits_to_keep, :] and accept only an int or 1D positions.
+_BOOLEAN_KEEP: dict[type, bool] = {}
+
+
+def forward_keeping(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """`model(**inputs)` computing the head only at the `keep` positions [R, T]. Returns (output, selector): the
+    output's logits are [N, V] when the model took the boolean mask; [R, T, V] when it ignored it, or [R, n, V] at
+    the union of kept columns when it takes positions only; `selector` picks the kept positions out of a 3D one."""
+    lm_type = type(causal_lm_of(model))
+    if _BOOLEAN_KEEP.get(lm_type, True):
+        try:
+            out = model(**inputs, logits_to_keep=keep)
+        except IndexError:  # "too many indices": this transformers indexes hidden[:, logits_to_keep, :]
+            if _BOOLEAN_KEEP.get(lm_type):
+                raise
+            _BOOLEAN_KEEP[lm_type] = False
+        else:
+            _BOOLEAN_KEEP[lm_type] = True
+            return out, keep
+    columns = keep.any(0).nonzero().squeeze(1)
+    return model(**inputs, logits_to_keep=columns), keep[:, columns]
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:
@@ -214,12 +247,12 @@ def chunked_head_logps(model: torch.nn.Module, inputs: dict[str, Any], keep: tor
 
     handle = head.register_forward_pre_hook(take_hidden)
     try:
-        model(**inputs, logits_to_keep=keep)
+        _, selector = forward_keeping(model, inputs, keep)
     finally:
         handle.remove()
     hidden = seen["hidden"]
-    if hidden.dim() == 3:  # a model that does not understand boolean logits_to_keep passed every position
-        hidden = hidden[keep]
+    if hidden.dim() == 3:  # the model passed every position, or the union of the kept columns
+        hidden = hidden[selector]
 
     def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(**seen["autocast"]):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from dpo.data import PreferenceBatch
-from dpo.lm_head import chunked_head_logps
+from dpo.lm_head import chunked_head_logps, forward_keeping
+from dpo.masks import model_attention_mask
 
 
 @dataclass
@@ -87,9 +88,10 @@ def scatter_sequence_logps(
 
 def dense_logits(model: torch.nn.Module, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
     """The model's own [N, V] logits of the `keep` positions (they exist, and their gradient in backward)."""
-    logits = model(**inputs, logits_to_keep=keep).logits
-    if logits.dim() == 3:  # a model that does not understand boolean logits_to_keep returned every position
-        logits = logits[keep]
+    out, selector = forward_keeping(model, inputs, keep)
+    logits = out.logits
+    if logits.dim() == 3:  # every position, or the union of the kept columns (`forward_keeping`)
+        logits = logits[selector]
     return logits
 
 
@@ -103,24 +105,38 @@ def sequence_logps(
     model: torch.nn.Module, batch: PreferenceBatch, *, average: bool = False, chunk_size: int = 1024,
     with_log_sum_sq: bool = False,
 ) -> SequenceLogps:
-    """One forward of `model` on the batch; log-probs of the answer tokens per sequence.
+    """One forward of `model` on the batch (one per row for a batch of rows run `alone`); log-probs of the answer
+    tokens per sequence.
 
     `use_cache=False` matters beyond memory: with a KV cache present transformers ignores the packed position ids
     and a packed forward would attend across sequences.
     """
     keep = batch.target_seq >= 0  # the scored positions, in row-major order
-    labels = batch.target_ids[keep]
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False)
-    log_sum_sq = None
-    if with_log_sum_sq:  # WPO's per-token normaliser needs every logit of the scored positions: the dense head
-        logits = dense_logits(model, inputs, keep)
-        token_logps = label_logps(logits, labels, chunk_size=chunk_size)
-        log_sum_sq = log_sum_sq_probs(logits, chunk_size=chunk_size)
+    if batch.alone:  # row by row, each cut to its real tokens: exactly `model(ids)` of each sequence by itself
+        lengths = (batch.attention_mask != 0).sum(-1).tolist()
+        parts = [_token_logps(model, dict(input_ids=batch.input_ids[r:r + 1, :n], use_cache=False),
+                              keep[r:r + 1, :n], batch.target_ids[r:r + 1, :n][keep[r:r + 1, :n]],
+                              chunk_size=chunk_size, with_log_sum_sq=with_log_sum_sq)
+                 for r, n in enumerate(lengths)]
+        token_logps = torch.cat([p[0] for p in parts])
+        log_sum_sq = torch.cat([p[1] for p in parts]) if with_log_sum_sq else None
     else:
-        token_logps = chunked_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
-        if token_logps is None:  # a head dpo.lm_head cannot reproduce
-            token_logps = dense_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=model_attention_mask(batch.attention_mask),
+                      position_ids=batch.position_ids, use_cache=False)
+        token_logps, log_sum_sq = _token_logps(model, inputs, keep, batch.target_ids[keep], chunk_size=chunk_size,
+                                               with_log_sum_sq=with_log_sum_sq)
     out = scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
     out.token_log_sum_sq = log_sum_sq
     return out
+
+
+def _token_logps(model: torch.nn.Module, inputs: dict, keep: torch.Tensor, labels: torch.Tensor, *,
+                 chunk_size: int, with_log_sum_sq: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(label) [N] of the `keep` positions of one forward, and log sum_v p(v)^2 [N] when asked for."""
+    if with_log_sum_sq:  # WPO's per-token normaliser needs every logit of the scored positions: the dense head
+        logits = dense_logits(model, inputs, keep)
+        return label_logps(logits, labels, chunk_size=chunk_size), log_sum_sq_probs(logits, chunk_size=chunk_size)
+    token_logps = chunked_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
+    if token_logps is None:  # a head dpo.lm_head cannot reproduce
+        token_logps = dense_head_logps(model, inputs, keep, labels, chunk_size=chunk_size)
+    return token_logps, None

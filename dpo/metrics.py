@@ -22,6 +22,7 @@ PAIR_METRICS = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
+    "logps/accuracies",
     "logratio/chosen",
 )
 
@@ -85,7 +86,10 @@ def pair_values(
     *, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None,
 ) -> dict[str, torch.Tensor | None]:
-    """Per-pair values of PAIR_METRICS. logratio/chosen is log π(chosen) − log π_ref(chosen), the policy's drift
+    """Per-pair values of PAIR_METRICS. logps/accuracies is 1 where the policy gives the chosen answer the higher
+    log-prob (as the loss sees them: summed, or per-token means for average_log_prob and SimPO), the preference
+    accuracy of the model itself, with no reference: unlike rewards/accuracies it is informative at step 0.
+    logratio/chosen is log π(chosen) − log π_ref(chosen), the policy's drift
     from the reference on the chosen answer (rewards/chosen / β for the DPO losses; not a KL divergence, which
     would need samples from the policy, and negative whenever the chosen answer lost probability); None when the
     loss has no reference."""
@@ -97,6 +101,7 @@ def pair_values(
         "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
         "logps/chosen": policy_chosen_logps,
         "logps/rejected": policy_rejected_logps,
+        "logps/accuracies": (policy_chosen_logps > policy_rejected_logps).to(policy_chosen_logps.dtype),
         "logratio/chosen": None if ref_chosen_logps is None else policy_chosen_logps - ref_chosen_logps,
     }
 

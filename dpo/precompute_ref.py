@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dpo.atomic import interrupted_replacement, recover, staged_folder
+from dpo.attention import resolve_for_run
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.config_help import format_help, wants_help
 from dpo.contract import REF_COLUMNS, SPLITS, check_data_contract
@@ -117,6 +118,7 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
                                     max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size or cfg.batch_size)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    cfg = resolve_for_run(cfg, device_type=accelerator.device.type, needs_backward=False)  # a no-grad forward
     data = check_data_contract(cfg, {s: load_split(cfg.data_path, s) for s in SPLITS}, log=log)
     missing = [s for s in splits if s not in data.splits]
     if missing:
@@ -128,7 +130,7 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
                                data=data_shape(*(data.splits[s] for s in splits)))
     log(choice.message.replace("[dpo]", "[precompute_ref]", 1))
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           attention=choice.attention)
+                           attention=choice.attention, mask_form=choice.mask_form)
     run = run_fingerprint(cfg) if accelerator.is_main_process else {}
     fingerprints = {}
     for split in splits:

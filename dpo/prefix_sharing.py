@@ -44,9 +44,10 @@ def shared_length(pair: dict[str, Any]) -> int:
 
 def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens_per_row: int,
                           weights: list[float] | None = None, packed: bool = True,
-                          attention: AttentionSpec | None = None) -> PreferenceBatch:
+                          attention: AttentionSpec | None = None, mask_form: str = "dense") -> PreferenceBatch:
     """B pairs as prefix-shared sequences in R rows, with a [R, 1, T, T] additive float mask (0 or -inf), or a
-    mapping of such masks by layer type (`dpo.masks`, with the windows and chunks of `attention`).
+    mapping of such masks by layer type (`dpo.masks`, with the windows and chunks of `attention`); with
+    mask_form "block" the same rules as a `dpo.masks.SegmentMask` (FlexAttention BlockMasks at the forward).
 
     Example, one pair with prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad 0:
 
@@ -98,7 +99,9 @@ def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max
                     target_ids[r, offset:offset + n - 1] = torch.tensor(tokens[1:], dtype=torch.long)
                     target_seq[r, offset:offset + n - 1] = seq
                 offset += n
-    attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec())
+    if mask_form == "varlen":
+        raise ValueError("prefix sharing needs a custom mask; a varlen kernel (FlashAttention) cannot take one")
+    attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec(), form=mask_form)
     ref_chosen, ref_rejected = ref_logps_of(pairs)
     return PreferenceBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, target_ids=target_ids,

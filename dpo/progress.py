@@ -23,13 +23,15 @@ LOG_INTERVAL_S = 30.0
 
 
 def progress_bar(*, total: int, initial: int, enabled: bool, file: IO[str] | None = None,
-                 log_interval_s: float = LOG_INTERVAL_S) -> tqdm | LineProgress:
-    """A live tqdm bar on a terminal, else `LineProgress`; both take `update`, `set_postfix` and `close`."""
+                 log_interval_s: float = LOG_INTERVAL_S, desc: str = "dpo") -> tqdm | LineProgress:
+    """A live tqdm bar on a terminal, else `LineProgress`; both take `update`, `set_postfix` and `close`. `desc`
+    names the loop (dpo: training steps; eval: evaluation batches)."""
     stream = file if file is not None else sys.stderr
     if stream.isatty():
-        return tqdm(total=total, initial=initial, disable=not enabled, desc="dpo", dynamic_ncols=True, file=stream,
+        return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, file=stream,
                     mininterval=0.1)
-    return LineProgress(total=total, initial=initial, enabled=enabled, file=stream, log_interval_s=log_interval_s)
+    return LineProgress(total=total, initial=initial, enabled=enabled, file=stream, log_interval_s=log_interval_s,
+                        desc=desc)
 
 
 def _duration(seconds: float) -> str:
@@ -46,8 +48,9 @@ class LineProgress:
     the next line shows. `clock` is for tests."""
 
     def __init__(self, *, total: int, initial: int, enabled: bool, file: IO[str],
-                 log_interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
-        self.total, self.n, self.enabled, self.file = total, initial, enabled, file
+                 log_interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 desc: str = "dpo") -> None:
+        self.total, self.n, self.enabled, self.file, self.desc = total, initial, enabled, file, desc
         self.log_interval_s, self.clock = log_interval_s, clock
         self.start_n, self.start = initial, clock()
         self.last_line_at: float | None = None
@@ -74,7 +77,7 @@ class LineProgress:
         if not self.enabled:
             return
         elapsed, done = now - self.start, self.n - self.start_n
-        parts = [f"dpo: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)",
+        parts = [f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)",
                  f"elapsed {_duration(elapsed)}"]
         if done > 0:
             per_step = elapsed / done

@@ -1,5 +1,6 @@
 """Draw report.png for any run from its metrics.jsonl: loss, reward margin, chosen and rejected rewards, preference
-accuracy and the chosen answer's log-ratio to the reference against step, train and eval.
+accuracies (implicit reward and log-prob) and the chosen answer's log-ratio to the reference against step, train and
+eval; from step 0 when the run evaluated the starting model (`eval_on_start`).
 
     python -m dpo.report OUTPUT_DIR [--output OUTPUT_DIR/report.png]
 
@@ -24,13 +25,14 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
     ("reward margin", (("rewards/margins", "chosen - rejected"),), "grows"),
     ("rewards", (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")),
      "chosen steady or rising slowly, rejected falls"),
-    ("preference accuracy", (("rewards/accuracies", "accuracy"),), "rises toward 1"),
+    ("preference accuracy", (("rewards/accuracies", "reward accuracy"), ("logps/accuracies", "log-prob accuracy")),
+     "reward accuracy rises toward 1 (0 at step 0: ties)"),
     ("log-ratio to the reference, chosen", (("logratio/chosen", "log π − log π_ref"),),
      "stays within a few nats; a blow-up (either sign) means drift"),
 )
 SPLIT_STYLES = {"train": {"linestyle": "-", "alpha": 0.85}, "eval": {"linestyle": "--", "marker": "o",
                                                                      "markersize": 3}}
-METRIC_COLORS = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red"}
+METRIC_COLORS = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red", "logps/accuracies": "tab:purple"}
 # A series with this few points is drawn with a marker on each: a lone point drawn as a line is invisible.
 FEW_POINTS = 30
 
@@ -102,7 +104,7 @@ def summary_text(records: list[dict[str, Any]]) -> str:
     lines = ["                     first      last"]
     for split in ("train", "eval"):
         rows = [(name, series(records, split, name)[1]) for name in
-                ("loss", "rewards/margins", "rewards/accuracies", "logratio/chosen")]
+                ("loss", "rewards/margins", "rewards/accuracies", "logratio/chosen", "logps/accuracies")]
         rows = [(name, values) for name, values in rows if values]
         if not rows:
             continue

@@ -29,9 +29,10 @@ PATH_KEYS = ("model_path", "data_path", "ref_model_path", "lora_adapter_path")
 # settings that give the same numbers (eval batch, logits chunking, recomputing activations).
 RESUME_HARMLESS = frozenset({
     "max_steps", "num_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_logratio",
-    "early_stopping_patience", "early_stopping_min_delta", "eval_batch_size", "logits_chunk_size",
-    "gradient_checkpointing", "output_dir", "run_name", "use_wandb", "wandb_project", "resume_from_checkpoint",
-    "resume_allow_changes", "overwrite_output_dir", "trust_remote_code",
+    "early_stopping_patience", "early_stopping_min_delta", "eval_batch_size", "eval_on_start",
+    "logits_chunk_size", "gradient_checkpointing", "output_dir", "run_name", "use_wandb", "wandb_project",
+    "resume_from_checkpoint", "resume_allow_changes", "overwrite_output_dir", "trust_remote_code",
+    "attn_implementation", "save_on_signal", "do_eval", "dataset_num_proc", "data_cache_dir",
 })
 
 

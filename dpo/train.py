@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,16 @@ from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
+from dpo import resize
 from dpo.atomic import staged_folder
+from dpo.attention import resolve_for_run
 from dpo.config import TrainConfig, config_to_dict, load_config, save_config
 from dpo.config_help import format_help, wants_help
 from dpo.contract import check_data_contract
-from dpo.data import (
-    PreferenceBatch,
-    eval_micro_batches,
-    load_split,
-    optimizer_steps_per_epoch,
-    train_micro_batches,
-)
+from dpo.data import PreferenceBatch, load_split, optimizer_steps_per_epoch, train_micro_batches
 from dpo.distributed import build_accelerator
 from dpo.errors import TrainingDiverged, UserError, run_cli
+from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
 from dpo.host_memory import return_freed_memory
 from dpo.layouts import choose_run_layout, data_shape, make_collate
@@ -46,7 +44,9 @@ from dpo.metrics import MetricAccumulator, MetricsWriter, pair_values
 from dpo.models import is_peft_model, load_policy
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
+from dpo.preemption import PreemptionSignals
 from dpo.progress import progress_bar, quiet_library_progress
+from dpo.recipe_data import prepare_recipe_data
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
 from dpo.startup import (
@@ -93,20 +93,45 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collate: Any, cfg: TrainConfig,
-             accelerator: Any) -> dict[str, float]:
-    """Loss, rewards, preference accuracy and log-ratio over every eval pair exactly once (all processes)."""
+             accelerator: Any, *, step: int | None = None, log: Callable[[str], None] | None = None
+             ) -> dict[str, float]:
+    """Loss, rewards, both preference accuracies and log-ratio over the eval pairs (all, or eval_max_pairs' fixed
+    subset) exactly once, all processes, in the run's layout (`collate`) and batches of `dpo.evaluation`; a
+    progress bar on the main process; `runtime` (s) and `pairs_per_second` too, and one line to `log`."""
+    started = time.perf_counter()
+    plan = eval_plan(dataset, cfg, num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     policy.eval()
     acc = MetricAccumulator(accelerator.device)
-    batches = eval_micro_batches(len(dataset), batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index)
-    for indices, weights in batches:
-        batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
-        out = forward_and_loss(policy, reference, batch, cfg)
-        acc.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
-    policy.train()
+    progress = progress_bar(total=plan.num_pairs, initial=0, enabled=accelerator.is_main_process, desc="eval")
+    try:
+        for (indices, weights), pairs in zip(plan.batches, plan.global_pairs):
+            batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
+            try:
+                out = forward_and_loss(policy, reference, batch, cfg)
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5, the same class
+                raise UserError(f"evaluation: a batch of {plan.batch_size} eval pairs does not fit in device memory "
+                                f"(the longest pairs come first); set --eval_batch_size "
+                                f"{max(1, plan.batch_size // 2)}") from None
+            acc.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
+            progress.update(pairs)
+    finally:
+        progress.close()
+        policy.train()
     metrics = acc.reduce(accelerator)
     metrics.pop("num_tokens")
+    metrics["runtime"] = time.perf_counter() - started
+    metrics["pairs_per_second"] = metrics["num_pairs"] / max(metrics["runtime"], 1e-9)
+    if log is not None:
+        log(eval_summary(step, metrics))
     return metrics
+
+
+def show_step(progress: Any, metrics: dict[str, float]) -> None:
+    """Advance the bar by the step just taken, showing that step's loss and accuracy: the postfix is set before
+    `update`, which is what redraws (after it, a redraw would show the step before)."""
+    # refresh=False: the redraw waits for the bar's interval (dpo/progress.py) instead of every step.
+    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
+    progress.update(1)
 
 
 def build_optimizer(policy: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -116,8 +141,24 @@ def build_optimizer(policy: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim == "rmsprop":  # TrainingArguments' rmsprop: torch's RMSprop at its defaults but the learning rate
+        return torch.optim.RMSprop([g for g in groups if g["params"]], lr=cfg.learning_rate)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def scheduler_name(cfg: TrainConfig) -> str:
+    if cfg.lr_scheduler == "cosine" and cfg.min_lr_rate:
+        return "cosine_with_min_lr"
+    return {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+
+
+def interval_steps(every: int | float | str, total_steps: int, steps_per_epoch: int) -> int:
+    """Steps between two events: `every` itself; for a share of the run (a float below 1) that share of the total,
+    rounded up (TrainingArguments' rule); for "epoch" the optimizer steps of one epoch."""
+    if every == "epoch":
+        return steps_per_epoch
+    return math.ceil(every * total_steps) if isinstance(every, float) else int(every)
 
 
 def total_optimizer_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -149,7 +190,7 @@ def save_final(accelerator: Any, policy: torch.nn.Module, tokenizer: Any, cfg: T
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0; 2 with one line for a user error (bad config, path, checkpoint, layout, full disk); 3 when it
-    diverged."""
+    diverged; 75 when it stopped on a signal of `save_on_signal` after saving a checkpoint (requeue and resume)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
         print(format_help("python -m dpo.train", __doc__.split("\n\n")[0]), end="")
@@ -180,26 +221,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    # The attention kernel this machine and model can run, or a one-line refusal (dpo/attention.py).
+    cfg = resolve_for_run(cfg, device_type=accelerator.device.type, needs_backward=True)
+    cfg = prepare_recipe_data(cfg, accelerator, log)  # raw data named by the recipe: prepared once, cached
     resume_path = validate_startup(cfg, log)  # nothing is written to out_dir before this passes
+    # The recipe's batch, or on a resume whatever keeps the checkpoint's global batch on this many processes.
+    plan = resize.plan_run(cfg, accelerator, resume_path, log=log)
+    batch_size, accumulation = plan.batch_size, plan.gradient_accumulation_steps
 
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
     eval_ds = load_split(cfg.data_path, "eval")
+    if cfg.eval_on_start and eval_ds is None:
+        raise UserError(f"eval_on_start: {cfg.data_path} has no eval split (data_prep --eval_fraction or --eval_input "
+                        f"makes one)")
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
+    eval_ds = eval_ds if cfg.do_eval else None  # checked with the rest of the data, not evaluated
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes
-    steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=cfg.batch_size, num_processes=world,
-                                                accumulation=cfg.gradient_accumulation_steps)
-    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=batch_size, num_processes=world,
+                                                accumulation=accumulation)
+    global_batch = batch_size * accumulation * world
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_ds)} training pairs cannot fill one global batch of {global_batch} "
-                        f"(batch_size {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+                        f"(batch_size {batch_size} x accumulation {accumulation} x "
                         f"{world} processes); lower batch_size or gradient_accumulation_steps")
     total_steps = total_optimizer_steps(cfg, steps_per_epoch)
+    # Intervals given as a share of the run (TrainingArguments' floats below 1) become step counts.
+    log_every, eval_every, save_every = (interval_steps(v, total_steps, steps_per_epoch)
+                                         for v in (cfg.logging_steps, cfg.eval_steps, cfg.save_steps))
     left_out = len(train_ds) - steps_per_epoch * global_batch
     log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "
-        f"{global_batch} = {cfg.batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {world} "
+        f"{global_batch} = {batch_size} per device x {accumulation} accumulation x {world} "
         f"processes; {steps_per_epoch} steps per epoch, {total_steps} steps")
     if left_out:
         log(f"[dpo] each epoch leaves out {left_out} pairs that do not fill a whole global batch "
@@ -212,8 +266,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     policy.train()
     optimizer = build_optimizer(policy, cfg)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                              scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_rate} if cfg.min_lr_rate else None)
     # The scheduler is stepped once per optimizer step by this loop (Accelerate's wrapper would step it once per
     # process); checkpoints carry its state as JSON (dpo/checkpoint.py), never as a pickle.
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -226,7 +280,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                                data=data_shape(train_ds, eval_ds))
     log(choice.message)
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           attention=choice.attention)
+                           attention=choice.attention, mask_form=choice.mask_form)
     if accelerator.is_main_process:
         # ZeRO-3 leaves an empty placeholder in each partitioned parameter; ds_numel is its full size.
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)
@@ -236,7 +290,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     guard = DivergenceGuard([p for p in unwrapped_policy.parameters() if p.requires_grad], accelerator, log=log)
     state = ckpt.TrainerState()
     if resume_path:
-        state = ckpt.load_checkpoint(accelerator, resume_path, scheduler=scheduler)
+        with resize.engine_state(accelerator, resume_path, plan, out_dir,
+                                 torch_load_guard=lambda: ckpt.checkpoint_torch_load(accelerator)) as engine_dir:
+            state = ckpt.load_checkpoint(accelerator, resume_path, scheduler=scheduler, engine_state_dir=engine_dir,
+                                         restore_rng=not plan.resized)
+        if plan.resized:
+            resize.reseed(cfg.seed, state.step, accelerator.process_index)
         if cfg.sync_ref_model:  # TR-DPO: the reference has moved with the policy; restore it as saved
             load_reference(reference.model, resume_path, accelerator)
         if scheduler.base_lrs[0] != cfg.learning_rate:  # allowed by --resume_allow_changes
@@ -254,19 +313,37 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
         writer.truncate_after(state.step)
         log(f"[dpo] resumed from {resume_path} at step {state.step}")
 
+    last_eval: dict[str, float] = {}
+    if cfg.eval_on_start and state.step == 0:  # the starting model: the "before" of every eval curve
+        last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=0, log=log)
+        writer.write(0, "eval", last_eval)
+        update_early_stopping(state, last_eval, cfg, log)  # the baseline a later evaluation must improve on
+    elif cfg.eval_on_start:  # a resumed run's weights are not the starting model's; its step 0 is already logged
+        log(f"[dpo] eval_on_start: no step-0 evaluation when resuming at step {state.step}")
+
     # ---- the loop
+    topology = resize.current_topology(accelerator, plan)
+
+    def save(state: ckpt.TrainerState) -> None:
+        ckpt.save_checkpoint(accelerator, out_dir, state, scheduler=scheduler, run_config=resolved_config(cfg),
+                             save_total_limit=cfg.save_total_limit,
+                             topology=resize.topology_record(topology, state.step),
+                             save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
+                             if cfg.sync_ref_model else None)
+
+    # From here a signal of save_on_signal stops the run at the next step boundary, with a checkpoint.
+    stop = PreemptionSignals(cfg.save_on_signal)
     accumulator = MetricAccumulator(accelerator.device)
     # Redirected to a log file (clusters, CI): a plain line at most every 30 s, no carriage-return redraws.
     progress = progress_bar(total=total_steps, initial=state.step, enabled=accelerator.is_main_process)
     step_start = time.perf_counter()
-    last_eval: dict[str, float] = {}
     while state.step < total_steps and not state.stopped_early:
         epoch = state.step // steps_per_epoch
         micro_batches = train_micro_batches(
-            len(train_ds), batch_size=cfg.batch_size, num_processes=world, process_index=accelerator.process_index,
-            accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, epoch=epoch)
+            len(train_ds), batch_size=batch_size, num_processes=world, process_index=accelerator.process_index,
+            accumulation=accumulation, seed=cfg.seed, epoch=epoch)
         # A resumed run skips the micro-batches of this epoch that its checkpoint's steps already trained on.
-        trained_micro_batches = (state.step % steps_per_epoch) * cfg.gradient_accumulation_steps
+        trained_micro_batches = (state.step % steps_per_epoch) * accumulation
         for indices in micro_batches[trained_micro_batches:]:
             batch = collate([train_ds[i] for i in indices], None).to(accelerator.device)
             with accelerator.accumulate(policy):  # no gradient all-reduce until the step's last micro-batch
@@ -280,33 +357,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             state.step += 1
             if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:  # TR-DPO, after the step
                 sync_reference(unwrapped_policy, reference.model, alpha=cfg.ref_model_mixup_alpha)
-            elapsed = time.perf_counter() - step_start
-            step_start = time.perf_counter()
+            elapsed = time.perf_counter() - step_start  # the step's own time: evaluations and saves come after
             step_metrics["tokens_per_second"] = step_metrics.pop("num_tokens") / max(elapsed, 1e-9)
             step_metrics["epoch"] = state.step / steps_per_epoch
-            progress.update(1)
-            # refresh=False: the redraw waits for the bar's interval (dpo/progress.py) instead of every step.
-            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
-                                 refresh=False)
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            show_step(progress, step_metrics)
+            if state.step % log_every == 0 or state.step == total_steps:
                 writer.write(state.step, "train", step_metrics)
-            if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
+            if eval_ds is not None and ((eval_every and state.step % eval_every == 0)
                                         or state.step == total_steps):
-                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator)
+                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=state.step, log=log)
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                ckpt.save_checkpoint(accelerator, out_dir, state, scheduler=scheduler, run_config=resolved_config(cfg),
-                                     save_total_limit=cfg.save_total_limit,
-                                     save_extra=(lambda folder: save_reference(reference.model, folder, accelerator))
-                                     if cfg.sync_ref_model else None)
+            saved = save_every and state.step % save_every == 0 and state.step < total_steps
+            if saved:
+                save(state)
+            if state.step < total_steps and not state.stopped_early and stop.agreed(accelerator):
+                if not saved:
+                    save(state)
+                progress.close()
+                writer.close()
+                raise stop.preempted(step=state.step, total_steps=total_steps, output_dir=out_dir)
+            step_start = time.perf_counter()
             if state.step >= total_steps or state.stopped_early:
                 break
     progress.close()
 
-    # ---- final model
+    # ---- final model (a signal now is only recorded: the run finishes)
     save_final(accelerator, policy, tokenizer, cfg)
     writer.close()
+    stop.restore()
     log(f"[dpo] done at step {state.step}; final model in {out_dir / 'final'}")
     return {"step": state.step, "eval": last_eval, "stopped_early": state.stopped_early}
 

@@ -352,6 +352,24 @@ def test_truncation_is_counted(tokenizer_dir: Path, tmp_path: Path) -> None:
     assert report["token_lengths"]["prompt"]["max"] == 4
 
 
+def test_truncation_is_counted_per_split(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Hand-counted: under --max_length 7 --max_prompt_length 4, GOOD ([<s> The Ġanswer Ġis] + one answer token)
+    fits and every "Say hello world ..." pair is cut. Train holds 2 cut pairs of 3, eval 1 of 2."""
+    def long(n: int) -> dict:
+        return {"prompt": f"Say hello world again {n}", "chosen": " yes hello world", "rejected": " no"}
+
+    train = _write_jsonl(tmp_path / "train.jsonl", [GOOD, long(1), long(2)])
+    held_out = _write_jsonl(tmp_path / "eval.jsonl", [{**GOOD, "chosen": " no", "rejected": " yes"}, long(3)])
+    extra = ("--max_length", "7", "--max_prompt_length", "4", "--eval_input", str(held_out))
+    assert _run(tokenizer_dir, tmp_path / "out", train, extra=extra) == 0
+    report = _report(tmp_path / "out")
+    assert report["pairs_written"] == {"train": 3, "eval": 2}
+    assert report["truncated_pairs_by_split"] == {"train": 2, "eval": 1}
+    assert report["truncated_pairs"] == 3  # the total, kept for readers of the earlier report
+    assert _run(tokenizer_dir, tmp_path / "alone", train, extra=extra[:4]) == 0
+    assert _report(tmp_path / "alone")["truncated_pairs_by_split"] == {"train": 2, "eval": 0}
+
+
 # ---------------------------------------------------------------- split, shards, output
 
 

@@ -296,7 +296,7 @@ def test_zero3_lora_saves_only_an_adapter_that_reloads(runs: Runs) -> None:
     zero3 = runs.train("lora_zero3", "zero3", *lora)
     assert_same_trajectory(zero3, single)
     # The layout probe ran through the sharded LoRA engine on both ranks and kept the fastest layout.
-    assert "[dpo] layout: packed with prefix sharing (checked" in (runs.root / "lora_zero3.log").read_text()
+    assert "[dpo] layout: packed with prefix sharing on sdpa (checked" in (runs.root / "lora_zero3.log").read_text()
     final = zero3 / "final"
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
     adapter = load_weights(final)

@@ -94,3 +94,32 @@ def test_gradients_flow_only_through_the_policy_forward(model):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_models_that_take_only_column_positions_in_logits_to_keep_give_the_same_logps(layout, monkeypatch):
+    """transformers releases before the boolean [R, T] `logits_to_keep` index hidden[:, positions, :]; the fallback
+    (the union of the kept columns, then the kept positions among them) must give the same log-probs and gradients."""
+    from model_zoo import build
+
+    from dpo import lm_head
+    from dpo.layouts import make_collate
+
+    model = build("llama").train()
+    pairs = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12, 13]},
+             {"prompt_ids": [3], "chosen_ids": [14, 15, 16], "rejected_ids": [17]}]
+    batch = make_collate(layout, pad_token_id=0, max_tokens_per_row=64)(pairs, None)
+
+    def run(*, columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(lm_head, "_BOOLEAN_KEEP", {type(model): False} if columns else {})
+        model.zero_grad(set_to_none=True)
+        results = []
+        for with_log_sum_sq in (False, True):  # the chunked head and the model's own logits
+            out = sequence_logps(model, batch, with_log_sum_sq=with_log_sum_sq)
+            results.append(torch.cat([out.chosen_logps, out.rejected_logps]))
+        torch.stack(results).sum().backward()
+        return torch.stack(results).detach(), model.lm_head.weight.grad.clone()
+
+    (values, grad), (column_values, column_grad) = run(columns=False), run(columns=True)
+    assert torch.allclose(values, column_values, atol=1e-5, rtol=0)
+    assert torch.allclose(grad, column_grad, atol=1e-6, rtol=1e-4)

@@ -219,3 +219,17 @@ def test_two_processes_write_each_pair_once_and_agree_with_one(inputs, tmp_path)
         assert fingerprint["num_processes"] == 2
     cfg = config(inputs["model"], data)
     check_precomputed(cfg, prepared(cfg), "train")
+
+
+@pytest.mark.slow  # FlexAttention compiles its CPU kernels for each shape (~10 s each)
+def test_precompute_with_flex_attention_on_a_cpu_equals_the_dense_path(inputs, tmp_path, capsys):
+    """`--attn_implementation flex_attention` serves precompute_ref's no-grad forwards on a CPU: compiled kernels and
+    block masks, values equal to those precomputed with sdpa and dense masks within 1e-4 nats; the log names it."""
+    data = copy_of(inputs, "data", tmp_path)
+    assert main(["--model_path", inputs["model"], "--data_path", data, "--batch_size", "3",
+                 "--attn_implementation", "flex_attention"]) == 0
+    assert "on flex_attention" in capsys.readouterr().out
+    for split in ("train", "eval"):
+        flex, dense = load_split(data, split), load_split(inputs["precomputed"], split)
+        for column in REF_COLUMNS:
+            assert torch.allclose(torch.tensor(flex[column]), torch.tensor(dense[column]), atol=1e-4, rtol=0)

@@ -55,6 +55,9 @@ COVERAGE: dict[str, str] = {
     "python -m dpo.train --config recipes/full_small.yaml --model_path path/to/sft_model --data_path data/prepped "
     "--output_dir runs/my_trdpo --reference model --sync_ref_model --ref_model_mixup_alpha 0.6 "
     "--ref_model_sync_steps 64": "objectives",
+    "./launch.sh train --config config_full.yaml": "trl",
+    "NUM_PROCESSES=8 ./launch.sh train --accelerate_config accelerate_configs/zero3.yaml --config config_full.yaml":
+    "trl",
     "./launch.sh bench --vs-trl": "bench",
     "python -m benchmarks.bench_prep --pairs 20000 --json bench_results/bench_prep.json": "bench",
 }
@@ -253,6 +256,31 @@ def test_zero3_several_processes(workspace):
     done = workspace.run(f"MAIN_PROCESS_PORT={free_port()} {reduced}{REDUCED_TRAINING}")
     assert "2 per device x 1 accumulation x 2 processes" in done.stdout + done.stderr
     assert_trained(workspace.runs / "zero3")
+
+
+@pytest.mark.distributed
+def test_trl_recipe(workspace, tmp_path):
+    """alignment-handbook's zephyr-7b-beta full recipe (tests/fixtures/alignment_handbook/) with its model and dataset
+    ids pointed at local copies, reduced like the training commands and to 2 CPU processes instead of 8. The
+    several-process run goes first, on an empty cache: its main process prepares the data once while the other
+    waits; the single-process run then reuses it."""
+    from test_trl_recipes import localised, machine_facts, make_datasets
+    local = {"model": workspace.model, "datasets": make_datasets(tmp_path / "datasets")}
+    recipe = localised(ROOT / "tests/fixtures/alignment_handbook/zephyr-7b-beta__config_full.yaml", local, tmp_path)
+    single, several = group_commands("trl")
+    env = {"DPO_DATA_CACHE": str(tmp_path / "cache")}
+    reduced = f"{REDUCED_TRAINING} {' '.join(machine_facts())}"
+    several = several.replace("NUM_PROCESSES=8", "NUM_PROCESSES=2").replace("config_full.yaml", str(recipe))
+    done = workspace.run(f"MAIN_PROCESS_PORT={free_port()} {several} --output_dir {workspace.runs}/trl2{reduced}",
+                         env=env)
+    assert (done.stdout + done.stderr).count("[dpo] data: prepared ") == 1
+    assert "2 per device x 1 accumulation x 2 processes" in done.stdout + done.stderr
+    assert_trained(workspace.runs / "trl2")
+    done = workspace.run(f"{single.replace('config_full.yaml', str(recipe))} --output_dir {workspace.runs}/trl1"
+                         f"{reduced}", env=env)
+    assert "[dpo] data: reused " in done.stdout
+    assert_trained(workspace.runs / "trl1")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
 @pytest.mark.distributed

@@ -1,0 +1,178 @@
+"""The layout probe cannot be fooled: lengths from the data, single sequences as the reference, train mode checked.
+
+Each test uses real tiny transformers models (tests/model_zoo.py, tests/family_walk.py) and an oracle independent of
+the probe: each prompt + answer run alone in float64 (tests/test_architectures.py's `oracle_logps`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from family_walk import build_family
+from model_zoo import build
+from test_architectures import PAIRS, TOLERANCE, layout_logps, oracle_logps
+
+from dpo.config import ConfigError, TrainConfig
+from dpo.layouts import (
+    PACKED,
+    PACKED_SHARED,
+    PADDED,
+    SINGLE,
+    LayoutError,
+    choose_layout,
+    make_collate,
+    probe_layouts,
+)
+from dpo.logprobs import sequence_logps
+from dpo.masks import AttentionSpec, MaskRule, attention_spec
+from dpo.models import disable_dropout
+
+CHOOSE = dict(layout="auto", prefix_sharing=None, pad_token_id=0, max_tokens_per_row=2048, precise=True)
+
+
+def test_a_window_the_config_reader_misses_is_caught_within_the_data_s_lengths():
+    """Mistral with a 64-token window, read as plain causal attention (what a window under an unread field looks
+    like to the mask builder): with data of 100-token pairs the probe reaches the window and refuses the shared
+    layouts, which the oracle confirms are off; with data of 40-token pairs the window never bites and they are
+    exact for that data."""
+    model = build("mistral_window")
+    model.config.sliding_window = 64
+    unread = AttentionSpec()
+    long_pair = {"prompt_ids": list(range(3, 93)), "chosen_ids": [5, 6, 7], "rejected_ids": [8, 9, 10, 11]}
+    oracle = oracle_logps(model, [long_pair])
+    collate = make_collate(PACKED_SHARED, pad_token_id=0, max_tokens_per_row=2048, attention=unread)
+    with torch.no_grad():
+        out = sequence_logps(model, collate([long_pair], None))
+    assert float((torch.cat([out.chosen_logps, out.rejected_logps]).double() - oracle).abs().max()) > 100 * TOLERANCE
+    far = probe_layouts(model, unread, [PACKED_SHARED], pad_token_id=0, max_tokens_per_row=2048, precise=True,
+                        longest=100)[0]
+    assert not far.exact and far.max_difference > 100 * TOLERANCE
+    near = probe_layouts(model, unread, [PACKED_SHARED], pad_token_id=0, max_tokens_per_row=2048, precise=True,
+                         longest=40)[0]
+    assert near.exact
+
+
+def test_no_batched_layout_exact_runs_one_sequence_per_forward_and_equals_the_oracle():
+    """RoBERTa as a causal LM without `is_decoder` attends both ways: padding reaches the real tokens, so even the
+    padded layout is off single sequences (the old probe's reference). The default is one sequence per forward,
+    which equals the oracle; an explicit padded request is refused in one line naming the class and difference."""
+    model = build_family("roberta")
+    oracle = oracle_logps(model, PAIRS)
+    assert float((layout_logps(model, PADDED, PAIRS) - oracle).abs().max()) > 100 * TOLERANCE
+    choice = choose_layout([model], **CHOOSE)
+    assert choice.layout == SINGLE
+    assert "not padded: RobertaForCausalLM gives log-probs" in choice.message
+    assert float((layout_logps(model, SINGLE, PAIRS) - oracle).abs().max()) <= TOLERANCE
+    with pytest.raises(LayoutError) as refused:
+        choose_layout([model], **{**CHOOSE, "layout": "padded"})
+    assert "\n" not in str(refused.value) and "RobertaForCausalLM" in str(refused.value)
+    assert "nats away from single sequences'" in str(refused.value) and "--layout single" in str(refused.value)
+
+
+def test_single_layout_runs_each_sequence_alone_also_for_wpo_s_dense_head():
+    model = build("llama")
+    batch = make_collate(SINGLE, pad_token_id=0, max_tokens_per_row=2048)(PAIRS, None)
+    assert batch.alone and batch.input_ids.shape[0] == 2 * len(PAIRS)
+    with torch.no_grad():
+        dense = sequence_logps(model, batch, with_log_sum_sq=True)
+    oracle = oracle_logps(model, PAIRS)
+    assert float((torch.cat([dense.chosen_logps, dense.rejected_logps]).double() - oracle).abs().max()) <= TOLERANCE
+    assert dense.token_log_sum_sq is not None and dense.token_log_sum_sq.shape == dense.token_logps.shape
+    assert bool((dense.token_log_sum_sq <= 0).all())  # log of a probability that two samples agree
+
+
+def test_router_jitter_is_turned_off_by_disable_dropout():
+    """Mixtral's router scales its input by uniform noise in train mode (`router_jitter_noise`): two train-mode
+    forwards differ (negative control) until disable_dropout, after which train mode equals eval mode."""
+    model = build("mixtral")
+    ids = torch.tensor([PAIRS[0]["prompt_ids"]])
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    for module in model.modules():
+        if hasattr(module, "jitter_noise"):
+            module.jitter_noise = 0.5
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        disable_dropout(model)
+        assert torch.equal(model(ids, use_cache=False).logits, expected)
+
+
+def test_a_model_random_in_train_mode_is_refused_unless_allowed():
+    """PhiMoE's router samples experts in train mode (not a dropout rate: nothing to switch off). The probe names it
+    in one line; with allow_nondeterministic_train the run goes on and the log says so. In eval mode (a frozen
+    reference, precompute_ref) it is deterministic and gets its layout."""
+    model = build_family("phimoe")
+    disable_dropout(model)
+    model.train()
+    with torch.no_grad():  # independent evidence: train-mode forwards of the same sequences differ
+        torch.manual_seed(0)
+        flips = 0
+        for pair in PAIRS:
+            ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
+            first = model(ids, use_cache=False).logits
+            flips += sum(not torch.equal(first, model(ids, use_cache=False).logits) for _ in range(4))
+        assert flips > 0
+    torch.manual_seed(0)  # the sampling is random; a fixed seed keeps this test's verdict fixed
+    with pytest.raises(LayoutError) as refused:
+        choose_layout([model], **CHOOSE)
+    message = str(refused.value)
+    assert "\n" not in message and "PhimoeForCausalLM is random in train mode" in message
+    assert "allow_nondeterministic_train" in message
+    allowed = choose_layout([model], **CHOOSE, allow_nondeterministic_train=True)
+    assert "allowed by allow_nondeterministic_train" in allowed.message
+    model.eval()
+    assert "allow" not in choose_layout([model], **CHOOSE).message
+    assert model.training is False  # the probe restores the mode it found
+
+
+def test_the_probe_checks_train_mode_and_restores_the_mode():
+    model = build("llama", dropout=True)
+    disable_dropout(model)
+    model.train()
+    result = probe_layouts(model, attention_spec(model.config), [PACKED_SHARED], pad_token_id=0,
+                           max_tokens_per_row=2048, precise=True, train=True)[0]
+    assert result.exact and result.train_difference is not None and result.train_difference <= TOLERANCE
+    assert model.training
+    model.eval()
+    probe_layouts(model, attention_spec(model.config), [PACKED], pad_token_id=0, max_tokens_per_row=2048,
+                  precise=True)
+    assert not model.training
+
+
+def test_unknown_layer_types_are_probed_not_assumed():
+    """Layer types in neither known list are neither refused up front nor trusted: the spec lists them as unknown,
+    the probe decides, and the log line names them."""
+    from dpo.layouts import static_reason
+
+    nemotron = attention_spec(build_family("nemotron_h").config)
+    assert set(nemotron.unknown_types) == {"mlp", "moe"} and nemotron.recurrent_types == ("linear_attention",)
+    spec = AttentionSpec(rules=(("full_attention", MaskRule()), ("mlp_only", MaskRule())), unknown_types=("mlp_only",))
+    assert static_reason(spec, PACKED_SHARED) is None
+    assert "unknown layer types (probed): mlp_only" in spec.describe()
+
+
+def test_layout_single_cannot_share_prompts():
+    with pytest.raises(ConfigError, match="layout single"):
+        TrainConfig(model_path="m", data_path="d", output_dir="o", layout="single", prefix_sharing=True).validate()
+    TrainConfig(model_path="m", data_path="d", output_dir="o", layout="single").validate()
+
+
+def test_lora_dropout_is_left_off_while_the_probe_looks():
+    """LoRA's own dropout is the user's choice and applies in training; the probe's train-mode check must not take
+    it for model randomness. With B drawn non-zero (a resumed adapter) dropout 0.5 would move every forward."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                      target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    model.train()
+    ids = torch.tensor([PAIRS[0]["prompt_ids"]])
+    with torch.no_grad():  # negative control: the adapter's dropout is live in train mode
+        assert not torch.equal(model(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    choice = choose_layout([model], **CHOOSE)
+    assert choice.layout == PACKED_SHARED and "random" not in choice.message
+    assert model.training and all(m.training for n, m in model.named_modules() if "lora_dropout" in n)
