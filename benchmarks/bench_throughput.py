@@ -231,6 +231,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
 
     from benchmarks.pieces import update
     from dpo.config import TrainConfig
+    from dpo.host_memory import return_freed_memory
     from dpo.layouts import make_collate
     from dpo.models import load_policy
     from dpo.reference import build_reference
@@ -240,6 +241,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
                       lora_dropout=0.0, reference=row.reference, layout=row.layout, prefix_sharing=row.prefix_sharing,
                       max_tokens_per_row=row.max_tokens_per_row or args.max_tokens_per_row, batch_size=args.batch_size,
                       mixed_precision="bf16" if row.precision == "bf16" else "no", seed=args.seed)
+    return_freed_memory()  # what dpo.train does first
     torch.manual_seed(args.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = str(accelerator.device)

@@ -62,4 +62,9 @@ def hardware() -> dict[str, Any]:
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    # Host-memory settings change CPU step times (dpo/host_memory.py): the kernel's huge-page mode and the variables.
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    info["transparent_hugepage"] = thp.read_text().strip() if thp.is_file() else None
+    info["host_memory_env"] = {k: os.environ[k] for k in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_")
+                               if k in os.environ}
     return info

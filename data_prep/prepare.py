@@ -56,6 +56,7 @@ from data_prep.tokenize import PairTokenizer, TokenizedPair
 from data_prep.tokenizer_source import load_tokenizer
 from dpo.atomic import recover, staged_folder, write_text_atomic
 from dpo.contract import PREP_FEATURES, REPORT_NAME, TOKEN_COLUMNS, stamp_report
+from dpo.progress import quiet_library_progress
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -291,6 +292,7 @@ def eval_prompts_in_train(train: list[TokenizedPair], evaluation: list[Tokenized
 def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
     """The whole stage; returns the report that was written. Lines the user should see go to `notes`."""
     notes = [] if notes is None else notes
+    quiet_library_progress()  # in a log file: no "Saving the dataset" bars from datasets
     check_paths(args)
     notes += recover(args.output)
     check_output(args.output, overwrite=args.overwrite)

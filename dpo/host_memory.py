@@ -5,12 +5,17 @@
 PyTorch's CPU tensors come from malloc. glibc serves a request below its mmap threshold from the heap, and its
 threshold rises on its own, up to 32 MiB, as large blocks are freed - so after the first step nearly every
 activation (a few to a few tens of MB at real sizes) lives in the heap, where memory freed between two live blocks
-stays resident. Measured on the memory benchmark's Qwen2-shaped model (vocabulary 151,936, four 1k-token pairs, full
-fine-tune, two steps): peak RSS 3,168 MB against 1,666 MB of live malloc bytes plus the 624 MB of mmapped weights and
-the libraries, i.e. ~440 MB held by the heap for nothing; with a fixed 1 MiB threshold, 2,727 MB. A fixed threshold
-(which also stops glibc raising it) makes every block of 1 MiB or more its own mapping, returned on free. The cost is
-page faults on fresh mappings, a small share of a step whose large tensors (the LM head's chunks, gradients) are
-mappings anyway.
+stays resident. A fixed threshold (which also stops glibc raising it) makes every block of 1 MiB or more its own
+mapping, returned on free.
+
+The trade (measured 2026-12-04, README "Host memory against speed"): on the memory benchmark's Qwen2-shaped model
+(vocabulary 151,936, four 1k-token pairs, full fine-tune) peak RSS 2,654 MB at 1 MiB against 3,132 MB with glibc's
+own threshold; on the throughput benchmark's long multi-turn prompts the fresh mappings' page faults and zeroing cost
+~25% of the useful tokens per CPU-second. Nothing measured kept both: `malloc_trim` at step boundaries or after each
+forward (peak 3,164 / 3,126 MB: the memory is held inside the step), fixed thresholds of 4 or 16 MiB (2,713 MB and
+as slow; 2,840 MB and half the cost), PyTorch's transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`: no faster). The
+default keeps the memory; `MALLOC_MMAP_THRESHOLD_=268435456` in the environment chooses the speed (issue 22's
+figure).
 
 A threshold the user set (`MALLOC_MMAP_THRESHOLD_` in the environment) is kept, and so is every allocator that is
 not glibc's (musl, macOS, jemalloc/tcmalloc preloaded: `mallopt` is then absent or ignored).

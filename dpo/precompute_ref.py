@@ -42,6 +42,7 @@ from dpo.distributed import build_accelerator
 from dpo.errors import UserError, run_cli
 from dpo.layouts import choose_run_layout, data_shape, make_collate
 from dpo.models import load_tokenizer
+from dpo.progress import quiet_library_progress
 from dpo.reference import FINGERPRINT_FILE, Reference, build_reference, run_fingerprint, split_fingerprint
 from dpo.startup import check_inputs
 
@@ -113,6 +114,7 @@ def wait_for_recovery(data_path: str | Path, timeout_s: float = 120.0) -> None:
 
 def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]:
     """Compute and store the reference log-probs of `splits`; returns each split's fingerprint (main process)."""
+    quiet_library_progress()  # in a log file: no loading bars from transformers and datasets
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
                                     max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size or cfg.batch_size)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)

@@ -45,7 +45,7 @@ from dpo.models import is_peft_model, load_policy
 from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
 from dpo.preemption import PreemptionSignals
-from dpo.progress import progress_bar
+from dpo.progress import progress_bar, quiet_library_progress
 from dpo.recipe_data import prepare_recipe_data
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
@@ -212,6 +212,7 @@ def validate_startup(cfg: TrainConfig, log: Any) -> Path | None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow, read top to bottom
     return_freed_memory()  # peak RSS follows live tensors (dpo/host_memory.py)
+    quiet_library_progress()  # in a log file: no loading/saving bars from transformers and datasets
     # ---- accelerator, seed, output dir
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision,
                                     gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -333,7 +334,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     # From here a signal of save_on_signal stops the run at the next step boundary, with a checkpoint.
     stop = PreemptionSignals(cfg.save_on_signal)
     accumulator = MetricAccumulator(accelerator.device)
-    # Redirected to a log file (clusters, CI), redraw at most every 30 s rather than 10 times a second.
+    # Redirected to a log file (clusters, CI): a plain line at most every 30 s, no carriage-return redraws.
     progress = progress_bar(total=total_steps, initial=state.step, enabled=accelerator.is_main_process)
     step_start = time.perf_counter()
     while state.step < total_steps and not state.stopped_early:

@@ -48,3 +48,20 @@ def tokenizer_no_bos_dir(
     tokenizer_no_bos: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     return _save(tokenizer_no_bos, tmp_path_factory.mktemp("tokenizer_no_bos"))
+
+
+@pytest.fixture
+def network_attempts(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every socket connection the test's code tries, refused and recorded. "Never downloads" is then checked by
+    what was attempted, not by a time bound that a loaded machine can break."""
+    import socket
+
+    attempts: list = []
+
+    def refuse(self: socket.socket, address: object) -> None:
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: refuse(self, address))
+    return attempts

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerance import assert_reordered_close, model_terms
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
 from demo.tiny import build_model
@@ -169,6 +170,13 @@ def test_logps_equal_naive_per_sequence_recomputation(model, name):
     assert out.chosen_lengths.tolist() == [len(p["chosen_ids"]) for p in pairs]
 
 
+def padded_terms(model: torch.nn.Module, pairs: list[dict]) -> int:
+    """The sums a per-sequence log-prob goes through (tests/tolerance.py), at the padded layout's sizes; the other
+    layouts sum the same terms in another order."""
+    batch = collate_padded(pairs, pad_token_id=0)
+    return model_terms(model.config, positions=batch.input_ids.numel(), row_length=batch.input_ids.shape[-1])
+
+
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_logps_equal_padded_layout(model, name, average):
@@ -176,8 +184,11 @@ def test_logps_equal_padded_layout(model, name, average):
     with torch.no_grad():
         padded = sequence_logps(model, collate(pairs, "padded"), average=average)
         other = sequence_logps(model, collate(pairs, name), average=average, chunk_size=7)
-    for field in ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll"):
-        torch.testing.assert_close(getattr(other, field), getattr(padded, field), rtol=0, atol=1e-5)
+    terms = padded_terms(model, pairs)
+    for field in ("chosen_logps", "rejected_logps", "chosen_nll"):
+        assert_reordered_close(getattr(other, field), getattr(padded, field), terms=terms, msg=field)
+    for field in ("chosen_lengths", "rejected_lengths"):
+        assert torch.equal(getattr(other, field), getattr(padded, field))
 
 
 @settings(max_examples=8, deadline=None)
@@ -195,8 +206,9 @@ def test_logps_equal_padded_layout_for_any_lengths(shapes, bound):
         for packed in (True, False):
             shared = sequence_logps(model, collate_prefix_shared(pairs, pad_token_id=0, max_tokens_per_row=bound,
                                                                  packed=packed))
-            torch.testing.assert_close(shared.chosen_logps, padded.chosen_logps, rtol=0, atol=1e-5)
-            torch.testing.assert_close(shared.rejected_logps, padded.rejected_logps, rtol=0, atol=1e-5)
+            terms = padded_terms(model, pairs)
+            assert_reordered_close(shared.chosen_logps, padded.chosen_logps, terms=terms, msg="chosen")
+            assert_reordered_close(shared.rejected_logps, padded.rejected_logps, terms=terms, msg="rejected")
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -211,8 +223,9 @@ def test_lora_policy_and_adapters_disabled_reference_equal_padded(lora_model, na
             policy = sequence_logps(lora_model, batch)
         ref_chosen, ref_rejected = reference.logps(batch)
         results[layout] = (policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected)
+    terms = padded_terms(lora_model, pairs)
     for got, want in zip(results[name], results["padded"]):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert_reordered_close(got, want, terms=terms, msg=name)
     # The adapters matter (so a mask that mixed them up would show): policy and reference differ.
     assert (results["padded"][0] - results["padded"][2]).abs().max() > 1e-2
 

@@ -7,6 +7,8 @@ import ast
 import configparser
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from setuptools import find_packages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +42,23 @@ def test_the_package_imports_nothing_that_stays_in_the_clone():
     assert not {k: v for k, v in offenders.items() if v}
     # the check sees imports at all: the demo imports the package
     assert {"dpo", "demo"} <= imported_top_level_names(ROOT / "demo" / "run.py")
+
+
+def test_the_constraints_pin_every_requirement_within_its_range():
+    """constraints.txt (what CI installs) pins each requirement of setup.cfg and its test and bench extras to one
+    version that the range there allows, and the TRL series the cross-checks are written against: a requirement
+    added to setup.cfg without a pin, or a pin outside its range, fails here rather than in a fresh install."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines()
+    lines += cfg["options.extras_require"]["test"].splitlines() + cfg["options.extras_require"]["bench"].splitlines()
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    for requirement in (Requirement(line) for line in lines if line.strip()):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"constraints.txt pins no version of {requirement.name}"
+        assert requirement.specifier.contains(pins[name]), (requirement, pins[name])
+    assert pins["trl"].startswith("1.16.") and pins["torch"] == "2.13.0"  # what .ci/run installs besides
