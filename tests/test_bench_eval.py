@@ -40,5 +40,7 @@ def test_rows_ratios_and_redirected_progress(tmp_path):
     step = rows["train step (forward + backward + optimizer)"]
     assert step["cpu_s_per_pair"] > forward["cpu_s_per_pair"]  # the step contains the forward
     assert len(re.findall(r"\[dpo\] eval: 10 pairs in [0-9.]+ s", stdout)) == 2
-    finished = [seg for seg in re.split(r"[\r\n]", stderr) if seg.startswith("eval: 100%") and "10/10" in seg]
+    # Redirected, progress is plain lines (dpo/progress.py's LineProgress): each evaluation ends with its 10/10 line.
+    finished = [line for line in stderr.splitlines() if line.startswith("eval: step 10/10 (100%)")]
+    assert "\r" not in "".join(line for line in stderr.splitlines() if line.startswith("eval:"))
     assert len(finished) == 2, stderr[-2000:]
