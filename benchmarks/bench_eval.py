@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_throughput import MODEL_SHAPE, batches_of, build_workload
+from benchmarks.bench_throughput import MODEL_SHAPE, batches_of, build_workload, model_shape
 from benchmarks.measure import hardware, sync_device
 
 DEFAULT_OUTPUT = "bench_results/bench_eval.json"
@@ -131,9 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="bench_results/workload_eval", help="where the workload is built")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
-    ratio = MODEL_SHAPE["intermediate_size"] / MODEL_SHAPE["hidden_size"]
-    args.shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
-                  "num_heads": max(1, args.hidden_size // 64), "intermediate_size": round(args.hidden_size * ratio)}
+    args.shape = model_shape(hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size)
     return args
 
 

@@ -65,6 +65,13 @@ class Row:
         return self.lora or self.reference == "adapters_disabled"
 
 
+def model_shape(*, hidden_size: int, num_layers: int, vocab_size: int) -> dict[str, int]:
+    """MODEL_SHAPE at another width, depth or vocabulary: 64-wide heads, the same MLP ratio."""
+    ratio = MODEL_SHAPE["intermediate_size"] / MODEL_SHAPE["hidden_size"]
+    return {"hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size,
+            "num_heads": max(1, hidden_size // 64), "intermediate_size": round(hidden_size * ratio)}
+
+
 def plan_rows(*, full_grid: bool, vs_trl: bool, bf16: bool, row_bounds: list[int]) -> list[Row]:
     """TRL, then layouts under the frozen-copy reference, then the other strategies under the fastest layout (or
     the whole grid), then bf16 autocast of the fastest exact configuration."""
@@ -453,9 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"--max-length={args.max_length}", f"--max-tokens-per-row={args.max_tokens_per_row}",
                         f"--seed={args.seed}", f"--threads={args.threads}", f"--matmul-size={args.matmul_size}",
                         f"--workdir={args.workdir}", f"--device={args.device}"]
-    ratio = MODEL_SHAPE["intermediate_size"] / MODEL_SHAPE["hidden_size"]
-    args.shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
-                  "num_heads": max(1, args.hidden_size // 64), "intermediate_size": round(args.hidden_size * ratio)}
+    args.shape = model_shape(hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size)
     return args
 
 

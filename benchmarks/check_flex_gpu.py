@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from model_zoo import build_config  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from model_zoo import build  # noqa: E402
 
 from dpo.layouts import PACKED_SHARED, make_collate  # noqa: E402
 from dpo.logprobs import sequence_logps  # noqa: E402
@@ -33,19 +32,6 @@ from dpo.masks import attention_spec  # noqa: E402
 
 PAIRS = [{"prompt_ids": list(range(3, 3 + p)), "chosen_ids": list(range(40, 40 + c)),
           "rejected_ids": list(range(60, 60 + r))} for p, c, r in [(30, 6, 9), (17, 12, 4), (3, 5, 5), (9, 2, 14)]]
-
-
-def build(name: str, *, head_dim: int) -> torch.nn.Module:
-    """The zoo's family with wider heads, weights re-drawn at std 0.2 (tests/model_zoo.py's reasons)."""
-    config = build_config(name, vocab_size=97)
-    config.head_dim = head_dim
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, 0.2)
-    return model.float()
 
 
 def oracle(model: torch.nn.Module) -> torch.Tensor:

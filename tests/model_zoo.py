@@ -87,9 +87,13 @@ def build_config(name: str, *, vocab_size: int, pad_token_id: int = 0, bos_token
     return config
 
 
-def build(name: str, *, vocab_size: int = 97, seed: int = 0, dropout: bool = False, **ids: int) -> PreTrainedModel:
-    """A tiny random model of family `name`, fp32, eval mode, matrices re-drawn at std 0.2 (see module doc)."""
+def build(name: str, *, vocab_size: int = 97, seed: int = 0, dropout: bool = False, head_dim: int | None = None,
+          **ids: int) -> PreTrainedModel:
+    """A tiny random model of family `name`, fp32, eval mode, matrices re-drawn at std 0.2 (see module doc).
+    `head_dim` widens the heads (GPU FlexAttention kernels need at least 16)."""
     config = build_config(name, vocab_size=vocab_size, dropout=dropout, **ids)
+    if head_dim is not None:
+        config.head_dim = head_dim
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

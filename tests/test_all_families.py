@@ -21,7 +21,6 @@ all families on one CPU core (6-7 on a busy machine); `-k <model_type>` runs som
 from __future__ import annotations
 
 import functools
-import random
 import re
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from family_walk import FAMILIES, Unbuildable, build_family  # noqa: E402
+from test_architectures import PAIRS  # noqa: E402  (the zoo tests' pairs: windows of 8 outrun, rows shared)
 
 from dpo.layouts import ALL_LAYOUTS, PACKED, SINGLE, Layout, LayoutError, choose_layout, make_collate  # noqa: E402
 from dpo.logprobs import sequence_logps  # noqa: E402
@@ -44,18 +44,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- family-walk:start -->", "<!-- family-walk:end -->"
 
 
-def make_pairs() -> list[dict[str, list[int]]]:
-    """Prompts longer than the windows (30 and 17 > 8), short ones that share rows, a 1-token prompt."""
-    rng = random.Random(1)
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(3, 97) for _ in range(n)]
-
-    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)}
-            for p, c, r in [(30, 6, 9), (17, 12, 4), (3, 5, 5), (1, 3, 2), (9, 2, 14)]]
-
-
-PAIRS = make_pairs()
 LONGEST = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in PAIRS)
 
 
