@@ -376,6 +376,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                     save(state)
                 progress.close()
                 writer.close()
+                # Together: the elastic agent answers the first rank's exit by stopping the others with SIGTERM,
+                # which must not land in the main process's last log writes.
+                accelerator.wait_for_everyone()
                 raise stop.preempted(step=state.step, total_steps=total_steps, output_dir=out_dir)
             step_start = time.perf_counter()
             if state.step >= total_steps or state.stopped_early:

@@ -228,8 +228,8 @@ def test_sigterm_that_kills_a_checkpoint_write_leaves_the_previous_one_resumable
 @pytest.mark.distributed
 def test_launcher_forwards_the_signal_and_keeps_the_exit_status(tmp_path: Path) -> None:
     """dpo.launch with two processes (torch's elastic agent): SIGUSR1 to the launcher alone reaches both workers
-    (each writes a marker and exits 75 as dpo.train would) and the launcher exits 75; SIGUSR1's default action would
-    have killed the launcher and orphaned them."""
+    (each writes a marker, waits for the other's and exits 75 as dpo.train would) and the launcher exits 75;
+    SIGUSR1's default action would have killed the launcher and orphaned them."""
     script = tmp_path / "worker.py"
     script.write_text(
         "import os, signal, sys, time\n"
@@ -240,6 +240,10 @@ def test_launcher_forwards_the_signal_and_keeps_the_exit_status(tmp_path: Path) 
         "while not got and time.time() < deadline:\n"
         "    time.sleep(0.05)\n"
         f"open(r'{tmp_path}/got-' + os.environ['RANK'], 'w').write(str(got))\n"
+        # dpo.train's ranks leave together (a barrier after the checkpoint); a rank that left alone would have the
+        # agent stop the other with SIGTERM, on a loaded machine before it recorded the signal.
+        f"while not all(os.path.exists(r'{tmp_path}/got-' + r) for r in '01') and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
         "sys.exit(75 if got else 1)\n")
     cmd = [sys.executable, "-m", "dpo.launch", "--config_file", "accelerate_configs/ddp.yaml", "--num_processes", "2",
            "--main_process_port", str(free_port()), str(script)]
