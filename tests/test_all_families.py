@@ -128,17 +128,8 @@ def _kind(result: dict[str, Any]) -> str | None:
     return SINGLE.name if result.get("layout") == SINGLE else None
 
 
-# Families where the probe is known to accept a layout that the test's pairs show is off, and why (open issue).
-KNOWN_MISSES = {
-    "deepseek_v4": "padded is 0.08 nats off for a 23-token sequence padded by 16: padding reaches real tokens through "
-                   "top-k selection over compressed blocks for some tokens and lengths only; the probe's pairs (and "
-                   "its padding amounts 0-16) do not hit it",
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_MISSES[f], strict=False))
-                                    if f in KNOWN_MISSES else f for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_probe_choice_equals_the_single_sequence_oracle(family):
     result = outcome(family)
     if "skip" in result:
