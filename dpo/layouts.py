@@ -15,11 +15,13 @@ attend both ways, or pick keys by top-k over blocks that padding fills). A table
 `choose_layout` probes the real model once, before training (`LayoutProbe`): one pair as long as the data's longest
 prompt + answer (whatever the config reader found: a window under a field it does not read still bites within the
 data's lengths) and short pairs in rows that hold several sequences, one no-grad forward per layout, per-sequence
-log-probs compared with each sequence run alone. For a model that trains, train mode is checked too: several
-train-mode forwards of one batch must agree and equal eval mode (`dpo.models.disable_dropout` switches off the
-randomness it can), or the model is refused unless the user allows it. The fastest candidate within tolerance is
-used; the default falls back and says why (down to one sequence per forward), an explicit request that cannot be
-honoured is refused (`LayoutError`).
+log-probs compared with each sequence run alone. A model that picks keys by a top-k among the row's positions
+gets one sequence per forward whatever the probe's pairs show (`dpo.selection`: no finite probe clears it). For a
+model that trains, train mode is checked too: several train-mode forwards of one batch must agree and equal eval
+mode (`dpo.models.disable_dropout` switches off the randomness it can), or the model is refused unless the user
+allows it, and each candidate also runs in train mode against the eval-mode single sequences. The fastest
+candidate within tolerance is used; the default falls back and says why (down to one sequence per forward), an
+explicit request that cannot be honoured is refused (`LayoutError`).
 """
 
 from __future__ import annotations
