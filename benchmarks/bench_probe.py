@@ -5,7 +5,8 @@
 Builds the model of benchmarks/bench_throughput.py (a 28M-parameter Llama: hidden 512, 8 layers, MLP 1280, 8k
 vocabulary, tied embeddings) and a Mistral of the same shape with a 4096-token sliding window, and times
 `choose_layout` as a run calls it on the policy (train mode, dropout off): the probe's longest sequence is the data's
-longest prompt + answer, here 1,000 and 600 tokens, and 5,000 (beyond the window). Each row is run `--repeats` times
+longest prompt + answer, here 1,000 and 600 tokens, and 5,000 (beyond the window); one row adds the frozen
+reference a full fine-tune loads (a copy of the starting weights, in eval mode). Each row is run `--repeats` times
 and reports the fastest (the machine is shared: the slower runs measure the other jobs), with its CPU seconds, the
 tokens and the forwards that went through the model - what the cost is made of on any machine.
 """
@@ -13,6 +14,7 @@ tokens and the forwards that went through the model - what the cost is made of o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -48,8 +50,9 @@ def build(kind: str) -> PreTrainedModel:
     return model.float().train()  # the policy, as a run probes it
 
 
-def measure(kind: str, longest: int, *, repeats: int) -> dict[str, Any]:
+def measure(kind: str, longest: int, *, repeats: int, frozen_reference: bool = False) -> dict[str, Any]:
     model = build(kind)
+    models = [model, copy.deepcopy(model).eval()] if frozen_reference else [model]
     seen = {"tokens": 0, "forwards": 0}
 
     def count(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -57,16 +60,18 @@ def measure(kind: str, longest: int, *, repeats: int) -> dict[str, Any]:
         seen["tokens"] += ids.numel()
         seen["forwards"] += 1
 
-    model.register_forward_pre_hook(count, with_kwargs=True)
+    for each in models:
+        each.register_forward_pre_hook(count, with_kwargs=True)
     runs = []
     for _ in range(repeats):
         seen.update(tokens=0, forwards=0)
         start, cpu = time.perf_counter(), time.process_time()
-        choice = choose_layout([model], layout="auto", prefix_sharing=None, pad_token_id=0, max_tokens_per_row=2048,
+        choice = choose_layout(models, layout="auto", prefix_sharing=None, pad_token_id=0, max_tokens_per_row=2048,
                                precise=True, longest=longest)
         runs.append((time.perf_counter() - start, time.process_time() - cpu))
     wall, cpu = min(runs)
-    return {"model": kind, "longest_sequence": longest, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+    name = f"{kind} + frozen reference" if frozen_reference else kind
+    return {"model": name, "longest_sequence": longest, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
             "all_seconds": [round(w, 2) for w, _ in runs], **seen, "layout": choice.layout.name}
 
 
@@ -79,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [("llama", 1000), ("llama", 600), ("mistral_window_4096", 1000)]
+    cases = [("llama", 1000, False), ("llama", 1000, True), ("llama", 600, False), ("mistral_window_4096", 1000, False)]
     if not args.quick:
-        cases.append(("mistral_window_4096", 5000))
-    rows = [measure(kind, longest, repeats=args.repeats) for kind, longest in cases]
-    print(f"{'model':<22} {'longest':>8} {'probe (s)':>10} {'CPU (s)':>8} {'tokens':>7} {'forwards':>9}  layout")
+        cases.append(("mistral_window_4096", 5000, False))
+    rows = [measure(kind, longest, repeats=args.repeats, frozen_reference=frozen)
+            for kind, longest, frozen in cases]
+    print(f"{'model':<26} {'longest':>8} {'probe (s)':>10} {'CPU (s)':>8} {'tokens':>7} {'forwards':>9}  layout")
     for row in rows:
-        print(f"{row['model']:<22} {row['longest_sequence']:>8} {row['seconds']:>10.2f} {row['cpu_seconds']:>8.2f} "
+        print(f"{row['model']:<26} {row['longest_sequence']:>8} {row['seconds']:>10.2f} {row['cpu_seconds']:>8.2f} "
               f"{row['tokens']:>7} {row['forwards']:>9}  {row['layout']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(args.json), json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))

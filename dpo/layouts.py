@@ -423,6 +423,24 @@ def probe_layouts(model: torch.nn.Module, spec: AttentionSpec, candidates: Seque
     return results
 
 
+def same_forward(model: torch.nn.Module, other: torch.nn.Module) -> bool:
+    """Whether two models compute the same eval-mode function: same class, config, attention implementation, and
+    equal parameters and buffers (names, dtypes, devices, values). A ZeRO-3 partition holds a placeholder, not the
+    values: never the same then (each is probed)."""
+    first, second = _unwrap(model), _unwrap(other)
+    if first is second:
+        return True
+    if type(first) is not type(second) or implementation_of(first) != implementation_of(second):
+        return False
+    if first.config.to_dict() != second.config.to_dict():
+        return False
+    mine, theirs = ({**dict(m.named_parameters()), **dict(m.named_buffers())} for m in (first, second))
+    if mine.keys() != theirs.keys() or any(hasattr(t, "ds_numel") for t in (*mine.values(), *theirs.values())):
+        return False
+    return all(p.dtype == theirs[n].dtype and p.device == theirs[n].device and torch.equal(p, theirs[n])
+               for n, p in mine.items())
+
+
 def _config_of(model: torch.nn.Module) -> Any:
     return _unwrap(model).config
 
@@ -491,9 +509,16 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
             remaining.remove(candidate)
     chosen: Layout | None = None
     with torch.no_grad():
+        # A frozen reference that is the policy's twin (same code, weights, dtype, device) computes the policy's
+        # eval-mode forward, which the policy's probe checks anyway: probing it again would double the cost.
+        probed = []
+        for i, model in enumerate(models):
+            novel = not any(same_forward(model, earlier) for earlier in models[:i])
+            if reduce_max(float(novel)) > 0:  # every process decides alike
+                probed.append(model)
         probes = [LayoutProbe(model, spec, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row,
                               precise=precise, longest=longest, reduce_max=reduce_max, device=device,
-                              train=model.training) for model in models]
+                              train=model.training) for model in probed]
         notes = _train_notes(probes, allow=allow_nondeterministic_train)
         for candidate in remaining:
             failures = [r.describe() for r in (p.check(candidate) for p in probes) if not r.exact]

@@ -258,3 +258,34 @@ def test_a_model_that_computes_otherwise_in_train_mode_is_refused():
         choose_layout([model], **CHOOSE)
     allowed = choose_layout([model], **CHOOSE, allow_nondeterministic_train=True)
     assert allowed.layout == PACKED_SHARED and "checked in eval mode only" in allowed.message
+
+
+def test_a_frozen_reference_twin_of_the_policy_is_not_probed_again():
+    """A frozen copy of the policy's starting weights computes the policy's eval-mode forward, which the policy's
+    probe checks: it is not run through the probe a second time (the start-up cost of a run with a frozen reference
+    halves). A copy whose weights, buffers or dtype differ is probed."""
+    import copy
+
+    from dpo.layouts import same_forward
+
+    policy = build("llama")
+    twin = copy.deepcopy(policy)
+    assert same_forward(policy, twin)
+    moved = copy.deepcopy(policy)
+    with torch.no_grad():
+        next(moved.parameters())[0, 0] += 1e-3
+    halved = copy.deepcopy(policy).to(torch.bfloat16)
+    rope = copy.deepcopy(policy)
+    buffer = next(b for _, b in rope.named_buffers())
+    buffer.mul_(1.5)
+    assert not any(same_forward(policy, other) for other in (moved, halved, rope))
+
+    forwards = {"twin": 0, "moved": 0}
+    for name, model in (("twin", twin), ("moved", moved)):
+        model.register_forward_pre_hook(lambda *_, key=name: forwards.__setitem__(key, forwards[key] + 1))
+    policy.train()
+    alone = choose_layout([policy], **CHOOSE)
+    with_twin = choose_layout([policy, twin.eval()], **CHOOSE)
+    assert forwards["twin"] == 0 and with_twin.layout == alone.layout == PACKED_SHARED
+    choose_layout([policy, moved.eval()], **CHOOSE)
+    assert forwards["moved"] > 0
