@@ -289,3 +289,19 @@ def test_a_frozen_reference_twin_of_the_policy_is_not_probed_again():
     assert forwards["twin"] == 0 and with_twin.layout == alone.layout == PACKED_SHARED
     choose_layout([policy, moved.eval()], **CHOOSE)
     assert forwards["moved"] > 0
+
+
+def test_bench_probe_counts_the_probe_s_forwards_and_the_frozen_twin_adds_none(monkeypatch):
+    """benchmarks/bench_probe.py on a tiny version of the throughput benchmark's model: the probe's tokens are the
+    data's longest sequence twice (alone, and in the candidate's row) plus the short pairs and train-mode checks;
+    the frozen reference twin adds no forward."""
+    import benchmarks.bench_probe as bench_probe
+    from benchmarks.bench_throughput import model_shape
+
+    monkeypatch.setattr(bench_probe, "MODEL_SHAPE", {**model_shape(hidden_size=64, num_layers=2, vocab_size=400),
+                                                     "num_heads": 4})
+    alone = bench_probe.measure("llama", 200, repeats=1)
+    with_twin = bench_probe.measure("llama", 200, repeats=1, frozen_reference=True)
+    assert alone["layout"] == with_twin["layout"] == PACKED_SHARED.name
+    assert with_twin["tokens"] == alone["tokens"] and with_twin["forwards"] == alone["forwards"]
+    assert 2 * 200 < alone["tokens"] < 2 * 200 + 1200 and alone["cpu_seconds"] >= 0
