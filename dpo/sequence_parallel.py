@@ -25,6 +25,7 @@ update equals the 1-process one (the 2-process test checks it step by step).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from dpo.errors import UserError
 from dpo.masks import PAD, SHARED, AttentionSpec, build_attention_mask
@@ -81,11 +81,29 @@ def check_run(cfg: Any, model_config: Any, *, num_processes: int, implementation
         "layout single": cfg.layout == "single",
         "use_weighting (WPO needs every token's log-prob of a sequence on one rank)": cfg.use_weighting,
         "ld_alpha (LD-DPO needs every token's log-prob of a sequence on one rank)": cfg.ld_alpha is not None,
-        "sync_ref_model": cfg.sync_ref_model,
     }
     for what, present in unsupported.items():
         if present:
             raise UserError(f"sequence_parallel_size {n} with {what} is not supported yet")
+
+
+def splittable_request(cfg: Any) -> Any:
+    """`cfg` with `attn_implementation auto` narrowed to sdpa when rows are split (auto would pick FlexAttention on
+    CUDA, which cannot run split yet); an explicit choice stays, for `check_run` to judge."""
+    if cfg.sequence_parallel_size > 1 and cfg.attn_implementation == "auto":
+        return dataclasses.replace(cfg, attn_implementation="sdpa")
+    return cfg
+
+
+def check_models(cfg: Any, *, num_processes: int) -> None:
+    """`check_run` for the policy and a frozen reference from another folder, read from their config files."""
+    if cfg.sequence_parallel_size == 1:
+        return
+    from transformers import AutoConfig
+
+    for path in [cfg.model_path] + ([cfg.ref_model_path] if cfg.ref_model_path else []):
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        check_run(cfg, config, num_processes=num_processes, implementation=cfg.attn_implementation)
 
 
 # ------------------------------------------------------------------------------------------- groups
@@ -177,12 +195,37 @@ def shard(batch: Any, group: SequenceGroup, spec: AttentionSpec) -> Any:
                    sequence_group=group)
 
 
+class _GroupSum(torch.autograd.Function):
+    """All-reduce (sum) over a process group; its backward is the same all-reduce of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = value.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
 def sum_over_group(value: torch.Tensor, group: SequenceGroup | None) -> torch.Tensor:
-    """`value` summed over the ranks of the sequence group, differentiably (backward: the gradient summed over the
-    group, which the data-parallel average over all P processes divides by N again; module docstring)."""
+    """`value` summed over the ranks of the sequence group, differentiably. Backward sums the gradient over the
+    group too: each rank's loss is the same function of the sums, so each share receives N x dL/dsum, and the
+    data-parallel average over all P = D x N processes divides by N again (module docstring)."""
     if group is None:
         return value
-    return dist_fn.all_reduce(value, op=dist.ReduceOp.SUM, group=group.group)
+    return _GroupSum.apply(value, group.group)
+
+
+def splitting(collate: Callable[..., Any], group: SequenceGroup | None, spec: AttentionSpec) -> Callable[..., Any]:
+    """`collate` followed by `shard`: the full rows built as in a 1-process run, this rank's slice kept."""
+    if group is None:
+        return collate
+    return lambda pairs, weights=None: shard(collate(pairs, weights), group, spec)
 
 
 # ------------------------------------------------------------------------------------------- attention

@@ -96,7 +96,7 @@ def test_metrics_count_each_pair_once_per_group() -> None:
 
 
 def _cfg(**changes: object) -> types.SimpleNamespace:
-    base = dict(sequence_parallel_size=2, layout="auto", use_weighting=False, ld_alpha=None, sync_ref_model=False)
+    base = dict(sequence_parallel_size=2, layout="auto", use_weighting=False, ld_alpha=None)
     return types.SimpleNamespace(**{**base, **changes})
 
 
