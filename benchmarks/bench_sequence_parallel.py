@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="write the rows here too")
     args = parser.parse_args(argv)
     rows = measure(args.tokens, [int(s) for s in args.sizes.split(",")], args.layers)
-    print(f"one pair, {rows[0]['row_tokens']} tokens in one prompt-shared row; model {SHAPE}, {args.layers} layers; fp32, CPU, "
+    shape = {**SHAPE, "num_hidden_layers": args.layers}
+    print(f"one pair, {rows[0]['row_tokens']} tokens in one prompt-shared row; model {shape}; fp32, CPU, "
           f"per-rank peak RSS (the worst rank)")
     print("| N | tokens per rank | static MB (weights, batch, full mask) | peak MB | activations MB | vs N=1 | "
           "fwd+bwd s | chosen logp |")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['chosen_logps']:.4f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"tokens": args.tokens, "shape": {**SHAPE, "num_hidden_layers": args.layers}, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"tokens": args.tokens, "shape": shape, "rows": rows}, indent=2))
     return 0
 
 
