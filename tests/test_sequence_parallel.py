@@ -196,3 +196,70 @@ def test_split_rows_give_the_whole_rows_log_probs_and_gradients(tmp_path, family
             for rank in ranks:
                 diff = (rank[name]["split_grad"][param] - want).abs().max().item()
                 assert diff <= 1e-5 * max(scale, 1.0), f"{family} {name} {param}: {diff} (scale {scale})"
+
+
+def test_a_refused_run_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys) -> None:
+    """The real entry point on 1 process with --sequence_parallel_size 2: one line, exit 2, no output folder."""
+    from dpo.train import main
+    from tests.builders import make_data_dir, make_model_dir, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = make_model_dir(tmp_path / "model", tokenizer)
+    data = make_data_dir(tmp_path / "data", tokenizer, n_train=8, n_eval=0)
+    out = tmp_path / "out"
+    capsys.readouterr()  # the builders' progress bars
+    code = main(["--model_path", str(model), "--data_path", str(data), "--output_dir", str(out),
+                 "--sequence_parallel_size", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and "sequence_parallel_size 2 does not divide the 1 processes" in err[0], err
+
+
+def _deepspeed_ulysses_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """DeepSpeed's own UlyssesSPAttentionHF on the same split rows (what accelerate's ParallelismConfig(sp_backend=
+    "deepspeed") installs): it drops the mask, so packed and prompt-shared rows come out wrong."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from dpo import sequence_parallel as sp
+    from dpo.distributed import deepspeed_all_to_all
+
+    deepspeed_all_to_all()  # DeepSpeed's communication over the gloo group
+    model = model_zoo.build("llama")
+    spec = attention_spec(model.config)
+    pairs = make_pairs(model.config.vocab_size)
+    group = sp.setup(world)
+    gaps = {}
+    with torch.no_grad():
+        whole = {}
+        for layout in (PADDED, PACKED_SHARED):
+            batch = make_collate(layout, pad_token_id=0, max_tokens_per_row=64, attention=spec)(pairs, None)
+            whole[layout.name] = (batch, sequence_logps(model, batch))
+        for layout, (batch, want) in whole.items():
+            part = sp.shard(batch, group, spec)
+            UlyssesSPAttentionHF.register_with_transformers(model, "sdpa", world, part.input_ids.shape[0])
+            got = sequence_logps(model, part)
+            gaps[layout] = float(max((got.chosen_logps - want.chosen_logps).abs().max(),
+                                     (got.rejected_logps - want.rejected_logps).abs().max()))
+            import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            mpu._release_sequence_parallel_groups()
+            ALL_ATTENTION_FUNCTIONS._local_mapping.pop("sdpa", None)
+    torch.save(gaps, os.path.join(out_dir, f"ds{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_deepspeeds_own_ulysses_attention_drops_our_masks(tmp_path) -> None:
+    """Why dpo/sequence_parallel.py wraps the model's attention itself: DeepSpeed 0.19's UlyssesSPAttentionHF sets
+    every tensor attention mask to None and attends causally over the whole row. One right-padded sequence per row
+    is then still right (causal is all it needs, padding comes last), but a row with several sequences or a shared
+    prompt is not: the rejected branch sees the chosen one, packed sequences see each other."""
+    mp.spawn(_deepspeed_ulysses_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    gaps = torch.load(tmp_path / "ds0.pt", weights_only=True)
+    assert gaps[PADDED.name] < 1e-4, gaps
+    assert gaps[PACKED_SHARED.name] > 0.1, gaps  # nats: the leak; our adapter is within 1e-5 (tests above)
