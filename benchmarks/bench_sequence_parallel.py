@@ -58,10 +58,12 @@ def _worker(rank: int, size: int, port: int, tokens: int, layers: int, out_dir: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpo import sequence_parallel as sp
+    from dpo.host_memory import return_freed_memory
     from dpo.layouts import PACKED_SHARED, make_collate
     from dpo.logprobs import sequence_logps
     from dpo.masks import attention_spec
 
+    return_freed_memory()  # as dpo.train does: freed tensors leave the RSS, so the peak follows live tensors
     torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
     torch.manual_seed(0)
     config = LlamaConfig(**{**SHAPE, "num_hidden_layers": layers}, max_position_embeddings=tokens + 64,

@@ -11,6 +11,7 @@ equality (2 processes at sequence_parallel_size 2 against 1 process, 5 steps) is
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import types
@@ -263,3 +264,18 @@ def test_deepspeeds_own_ulysses_attention_drops_our_masks(tmp_path) -> None:
     gaps = torch.load(tmp_path / "ds0.pt", weights_only=True)
     assert gaps[PADDED.name] < 1e-4, gaps
     assert gaps[PACKED_SHARED.name] > 0.1, gaps  # nats: the leak; our adapter is within 1e-5 (tests above)
+
+
+@pytest.mark.distributed
+def test_memory_benchmark_runs_the_same_pair_whole_and_split(tmp_path) -> None:
+    """benchmarks/bench_sequence_parallel.py on a short pair, so the README's command cannot rot: both rows score
+    the same pair to the same log-probs, each rank of N = 2 holds half the (padded) row."""
+    from benchmarks.bench_sequence_parallel import main
+
+    out = tmp_path / "sp.json"
+    assert main(["--tokens", "256", "--layers", "1", "--json", str(out)]) == 0
+    whole, split = json.loads(out.read_text())["rows"]
+    assert (whole["size"], split["size"]) == (1, 2)
+    assert split["local_tokens"] * 2 == whole["local_tokens"] + whole["local_tokens"] % 2
+    assert abs(whole["chosen_logps"] - split["chosen_logps"]) <= 1e-4 * abs(whole["chosen_logps"])
+    assert all(r["activation_mb"] > 0 and r["static_mb"] > 0 for r in (whole, split))

@@ -64,7 +64,7 @@ class SpRuns:
     def run(self, name: str, config: str, *extra: str, num_processes: int = 2, **paths: Path) -> Path:
         if name not in self.cache:
             out = self.root / name
-            sp = ("--sequence_parallel_size", "2") if num_processes == 2 else ()
+            sp = ("--sequence_parallel_size", "2") if num_processes > 1 else ()
             log = run_launch(launch_cmd(config, self.args(out, *sp, *extra, **paths), num_processes=num_processes,
                                         port=free_port()))
             (self.root / f"{name}.log").write_text(log)
@@ -85,7 +85,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SpRuns:
 
 @pytest.mark.parametrize("config, extra", [
     ("zero2", ()),  # the default layout (the probe's choice: packed with prefix sharing)
-    ("zero1", ("--layout", "padded")),  # one right-padded sequence per row: the 2D mask becomes a dense one
+    # One right-padded sequence per row (the 2D mask becomes a dense one), 2 pairs x 2 accumulated micro-batches.
+    ("zero1", ("--layout", "padded", "--batch_size", "2", "--gradient_accumulation_steps", "2")),
     ("zero3", ("--save_steps", "3")),  # parameters partitioned too; reused by the SIGKILL test
 ])
 def test_split_rows_reproduce_the_single_process_run(runs: SpRuns, config: str, extra: tuple[str, ...]) -> None:
@@ -161,4 +162,14 @@ def test_sliding_window_shorter_than_the_prompts(runs: SpRuns) -> None:
     assert min(len(p) for p in prompts) > WINDOW  # the window bites inside every prompt
     single = runs.single("windowed_single", model=model)
     out = runs.run("sp_windowed", "zero2", model=model)
+    assert "sliding_attention: sliding window 4" in runs.log("sp_windowed")  # masks {layer type: mask}
     assert_same_trajectory(out, single)
+
+
+def test_four_processes_two_groups_of_two(runs: SpRuns) -> None:
+    """Data parallel over sequence-parallel groups: 4 processes, 2 groups of 2, 2 pairs per group, against the
+    1-process batch of 4. DeepSpeed averages over all 4 processes; each group's gradient arrives doubled by the
+    group sum, so the average is the mean of the 2 groups' gradients, the 1-process gradient."""
+    out = runs.run("sp_four", "zero2", "--batch_size", "2", num_processes=4)
+    assert "2 per device x 1 accumulation x 2 sequence-parallel groups" in runs.log("sp_four")
+    assert_same_trajectory(out, runs.single())
