@@ -88,6 +88,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SpRuns:
     # One right-padded sequence per row (the 2D mask becomes a dense one), 2 pairs x 2 accumulated micro-batches.
     ("zero1", ("--layout", "padded", "--batch_size", "2", "--gradient_accumulation_steps", "2")),
     ("zero3", ("--save_steps", "3")),  # parameters partitioned too; reused by the SIGKILL test
+    # DDP (DeepSpeed's communication is set up for its all-to-all only); attention recomputed in backward.
+    ("ddp", ("--gradient_checkpointing",)),
 ])
 def test_split_rows_reproduce_the_single_process_run(runs: SpRuns, config: str, extra: tuple[str, ...]) -> None:
     name = f"sp_{config}"
