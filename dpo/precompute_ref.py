@@ -140,7 +140,7 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
                            attention=choice.attention, mask_form=choice.mask_form)
     sequence_group = sp.setup(cfg.sequence_parallel_size)
     if sequence_group is not None:  # after the probe, which runs whole rows on each process
-        collate = sp.splitting(collate, sequence_group, choice.attention)
+        collate = sp.splitting(collate, sequence_group, choice.attention, mask_form=choice.mask_form)
         sp.install(sequence_group, cfg.attn_implementation)
     run = run_fingerprint(cfg) if accelerator.is_main_process else {}
     fingerprints = {}

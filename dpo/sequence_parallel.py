@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 
 from dpo.errors import UserError
-from dpo.masks import PAD, SHARED, AttentionSpec, build_attention_mask
+from dpo.masks import PAD, SHARED, AttentionSpec, SegmentMask, build_attention_mask
 
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,9 @@ def check_run(cfg: Any, model_config: Any, *, num_processes: int, implementation
 
 
 def splittable_request(cfg: Any) -> Any:
-    """`cfg` with `attn_implementation auto` narrowed to sdpa when rows are split (auto would pick FlexAttention on
-    CUDA, which cannot run split yet); an explicit choice stays, for `check_run` to judge."""
+    """`cfg` with `attn_implementation auto` narrowed to sdpa when rows are split: auto would pick FlexAttention on
+    CUDA, whose split forward is checked on the CPU only (no FlexAttention backward there), so the default stays on
+    the path trained end to end; an explicit flex_attention is taken, for `check_run` to judge."""
     if cfg.sequence_parallel_size > 1 and cfg.attn_implementation == "auto":
         return dataclasses.replace(cfg, attn_implementation="sdpa")
     return cfg
@@ -144,15 +145,15 @@ def counted(batch: Any) -> tuple[torch.Tensor, int]:
 # ------------------------------------------------------------------------------------------- the split
 
 
-def _dense_mask(batch: Any, spec: AttentionSpec) -> Any:
-    """The padded layout's [R, T] padding mask as the dense masks of `dpo.masks` (one sequence per row, the
+def _full_mask(batch: Any, spec: AttentionSpec, form: str) -> Any:
+    """The padded layout's [R, T] padding mask as the masks of `dpo.masks` in `form` (one sequence per row, the
     model's windows and layer types): split, the model sees only its slice of tokens and cannot build them."""
     mask = batch.attention_mask
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
         return mask
     real = mask != 0
     segment = torch.where(real, 0, -1)
-    return build_attention_mask(segment, torch.where(real, SHARED, PAD), batch.position_ids, spec)
+    return build_attention_mask(segment, torch.where(real, SHARED, PAD), batch.position_ids, spec, form=form)
 
 
 def _pad_square(mask: torch.Tensor, extra: int) -> torch.Tensor:
@@ -165,15 +166,16 @@ def _pad_square(mask: torch.Tensor, extra: int) -> torch.Tensor:
     return out
 
 
-def shard(batch: Any, group: SequenceGroup, spec: AttentionSpec) -> Any:
+def shard(batch: Any, group: SequenceGroup, spec: AttentionSpec, *, mask_form: str = "dense") -> Any:
     """This rank's slice of a full-row batch: rows right-padded to a multiple of N (padding continues the positions,
     sees only itself, is never scored), then tokens, positions, labels and scored positions cut to columns
     [rank * T/N, (rank + 1) * T/N). The mask stays whole (each rank attends over the whole row for its heads).
     Labels were shifted on the full row by the collate: the label of a slice's last token is the next slice's first
-    token, and stays with this slice."""
+    token, and stays with this slice. `mask_form`: what the padded layout's mask becomes (`dpo.attention.mask_form`;
+    FlexAttention's "block"); the packed layouts' masks are already in their form."""
     if batch.alone:
         raise UserError("sequence parallelism cannot split the one-sequence-per-forward layout (layout single)")
-    mask = _dense_mask(batch, spec)
+    mask = _full_mask(batch, spec, mask_form)
     rows, width = batch.input_ids.shape
     extra = -width % group.size
     if extra:
@@ -183,8 +185,13 @@ def shard(batch: Any, group: SequenceGroup, spec: AttentionSpec) -> Any:
         last = batch.position_ids[:, -1:]
         position_ids = torch.cat([batch.position_ids, last + torch.arange(1, extra + 1, device=last.device)], dim=1)
         shared: dict[int, torch.Tensor] = {}  # a tensor used by several layer types is padded once
-        mask = ({k: shared.setdefault(id(v), _pad_square(v, extra)) for k, v in mask.items()}
-                if isinstance(mask, dict) else _pad_square(mask, extra))
+        if isinstance(mask, SegmentMask):  # FlexAttention's block form: the rule's inputs, padded like the tokens
+            mask = SegmentMask(segment=pad(mask.segment, -1), branch=pad(mask.branch, PAD), position_ids=position_ids,
+                               spec=mask.spec)
+        elif isinstance(mask, dict):
+            mask = {k: shared.setdefault(id(v), _pad_square(v, extra)) for k, v in mask.items()}
+        else:
+            mask = _pad_square(mask, extra)
         batch = replace(batch, input_ids=pad(batch.input_ids, 0), position_ids=position_ids,
                         target_ids=pad(batch.target_ids, 0), target_seq=pad(batch.target_seq, -1))
     local = (width + extra) // group.size
@@ -221,11 +228,12 @@ def sum_over_group(value: torch.Tensor, group: SequenceGroup | None) -> torch.Te
     return _GroupSum.apply(value, group.group)
 
 
-def splitting(collate: Callable[..., Any], group: SequenceGroup | None, spec: AttentionSpec) -> Callable[..., Any]:
+def splitting(collate: Callable[..., Any], group: SequenceGroup | None, spec: AttentionSpec, *,
+              mask_form: str = "dense") -> Callable[..., Any]:
     """`collate` followed by `shard`: the full rows built as in a 1-process run, this rank's slice kept."""
     if group is None:
         return collate
-    return lambda pairs, weights=None: shard(collate(pairs, weights), group, spec)
+    return lambda pairs, weights=None: shard(collate(pairs, weights), group, spec, mask_form=mask_form)
 
 
 # ------------------------------------------------------------------------------------------- attention

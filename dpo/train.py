@@ -293,7 +293,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
                            attention=choice.attention, mask_form=choice.mask_form)
     if sequence_group is not None:  # after the probe, which runs whole rows on each process
-        collate = sp.splitting(collate, sequence_group, choice.attention)
+        collate = sp.splitting(collate, sequence_group, choice.attention, mask_form=choice.mask_form)
         sp.install(sequence_group, cfg.attn_implementation)
         log(f"[dpo] sequence parallel: each row split across {sequence_group.size} processes "
             f"({cfg.attn_implementation}, {world} data-parallel groups)")
