@@ -33,7 +33,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from dpo.distributed import deepspeed_all_to_all
 from dpo.errors import UserError
 from dpo.masks import PAD, SHARED, AttentionSpec, SegmentMask, build_attention_mask
 
@@ -100,8 +103,6 @@ def check_models(cfg: Any, *, num_processes: int) -> None:
     """`check_run` for the policy and a frozen reference from another folder, read from their config files."""
     if cfg.sequence_parallel_size == 1:
         return
-    from transformers import AutoConfig
-
     for path in [cfg.model_path] + ([cfg.ref_model_path] if cfg.ref_model_path else []):
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
         check_run(cfg, config, num_processes=num_processes, implementation=cfg.attn_implementation)
@@ -115,9 +116,7 @@ def setup(size: int) -> SequenceGroup | None:
     process creates every group (torch's rule for `new_group`). None when `size` is 1."""
     if size == 1:
         return None
-    from dpo.distributed import deepspeed_all_to_all  # DeepSpeed's communication must be up for its operator
-
-    deepspeed_all_to_all()
+    deepspeed_all_to_all()  # DeepSpeed's communication up before any group exists
     world, rank = dist.get_world_size(), dist.get_rank()
     mine = None
     for start in range(0, world, size):
@@ -276,10 +275,6 @@ def install(group: SequenceGroup, implementation: str) -> Callable[[], None]:
     """From now on every `implementation` attention of this process runs split (after the layout probe, which
     runs whole rows). For the whole process, not a context: gradient checkpointing recomputes attention in
     backward. Returns the function that restores the original (tests)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from dpo.distributed import deepspeed_all_to_all
-
     all_to_all = deepspeed_all_to_all()
     registry = ALL_ATTENTION_FUNCTIONS._local_mapping
     had, before = implementation in registry, registry.get(implementation)
