@@ -41,7 +41,7 @@ from dpo.contract import REF_COLUMNS, SPLITS, check_data_contract
 from dpo.data import eval_micro_batches, load_split
 from dpo.distributed import build_accelerator
 from dpo.errors import UserError, run_cli
-from dpo.layouts import choose_run_layout, data_shape, make_collate
+from dpo.layouts import check_split_rows, choose_run_layout, data_shape, make_collate
 from dpo.models import load_tokenizer
 from dpo.progress import quiet_library_progress
 from dpo.reference import FINGERPRINT_FILE, Reference, build_reference, run_fingerprint, split_fingerprint
@@ -139,9 +139,10 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
                            attention=choice.attention, mask_form=choice.mask_form)
     sequence_group = sp.setup(cfg.sequence_parallel_size)
-    if sequence_group is not None:  # after the probe, which runs whole rows on each process
+    if sequence_group is not None:  # after the layout probe (whole rows); split rows checked against them
+        log(check_split_rows([reference.model], choice, cfg, accelerator, group=sequence_group,
+                             pad_token_id=pad_id).replace("[dpo]", "[precompute_ref]", 1))
         collate = sp.splitting(collate, sequence_group, choice.attention, mask_form=choice.mask_form)
-        sp.install(sequence_group, cfg.attn_implementation)
     run = run_fingerprint(cfg) if accelerator.is_main_process else {}
     fingerprints = {}
     for split in splits:

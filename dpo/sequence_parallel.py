@@ -7,7 +7,8 @@ The collate builds the full rows as in a 1-process run (masks, positions, labels
 `shard` pads them to a multiple of N tokens and keeps this rank's 1/N slice of the tokens and the FULL mask. In every
 attention layer, `install`'s wrapper around the model's own attention function (sdpa or the model's eager) swaps
 [B, H, T/N, D] query/key/value for [B, H/N, T, D] with DeepSpeed's differentiable all-to-all, runs the model's own
-attention over the whole row with the full row's mask for its share of the heads, and swaps back. The LM head
+attention over the whole row with the full row's mask for its share of the heads, and swaps back
+(sdpa, eager, flex_attention; `dpo.layouts.check_split_rows` checks the split on the model before training). The LM head
 scores each rank's own answer positions; per-sequence sums are added over the group (`sum_over_group`).
 
 Why not DeepSpeed's `UlyssesSPAttentionHF` (what accelerate's `ParallelismConfig(sp_backend="deepspeed")`
@@ -38,7 +39,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dpo.distributed import deepspeed_all_to_all
 from dpo.errors import UserError
-from dpo.masks import PAD, SHARED, AttentionSpec, SegmentMask, build_attention_mask
+from dpo.masks import PAD, SHARED, AttentionSpec, SegmentMask, attention_spec, build_attention_mask
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
@@ -77,6 +78,10 @@ def check_run(cfg: Any, model_config: Any, *, num_processes: int, implementation
     if not heads or heads % n or kv_heads % n:
         raise UserError(f"sequence_parallel_size {n}: the model has {heads} attention heads and {kv_heads} key/value "
                         f"heads; both must be divisible by {n} (each rank attends with a 1/{n} share of the heads)")
+    recurrent = attention_spec(model_config).recurrent_types
+    if recurrent:
+        raise UserError(f"sequence_parallel_size {n}: layers of type {', '.join(recurrent)} mix a row's tokens in "
+                        f"order outside attention, and each rank holds only 1/{n} of them")
     if implementation not in SUPPORTED_IMPLEMENTATIONS:
         raise UserError(f"sequence_parallel_size {n}: attn_implementation {implementation} cannot run split yet "
                         f"(supported: {', '.join(SUPPORTED_IMPLEMENTATIONS)}); use --attn_implementation sdpa")

@@ -37,7 +37,7 @@ from dpo.errors import TrainingDiverged, UserError, run_cli
 from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
 from dpo.host_memory import return_freed_memory
-from dpo.layouts import choose_run_layout, data_shape, make_collate
+from dpo.layouts import check_split_rows, choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
@@ -292,11 +292,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     log(choice.message)
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
                            attention=choice.attention, mask_form=choice.mask_form)
-    if sequence_group is not None:  # after the probe, which runs whole rows on each process
+    if sequence_group is not None:  # after the layout probe (whole rows); split rows checked against them
+        log(check_split_rows(probed, choice, cfg, accelerator, group=sequence_group, pad_token_id=pad_id))
         collate = sp.splitting(collate, sequence_group, choice.attention, mask_form=choice.mask_form)
-        sp.install(sequence_group, cfg.attn_implementation)
-        log(f"[dpo] sequence parallel: each row split across {sequence_group.size} processes "
-            f"({cfg.attn_implementation}, {world} data-parallel groups)")
     if accelerator.is_main_process:
         # ZeRO-3 leaves an empty placeholder in each partitioned parameter; ds_numel is its full size.
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)

@@ -16,6 +16,7 @@ import os
 import socket
 import types
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,12 +109,14 @@ def _cfg(**changes: object) -> types.SimpleNamespace:
     ({"sequence_parallel_size": 4}, 4, (4, 2), "sdpa", "4 attention heads and 2 key/value heads"),
     ({}, 2, (4, 2), "flash_attention_2", "attn_implementation flash_attention_2 cannot run split yet"),
     ({"layout": "single"}, 2, (4, 2), "sdpa", "with layout single is not supported yet"),
+    ({}, 2, (4, 2, ["conv", "full_attention"]), "sdpa", "layers of type conv mix a row's tokens in order"),
     ({"ld_alpha": 0.5}, 2, (4, 2), "sdpa", "with ld_alpha"),
     ({"use_weighting": True}, 2, (4, 2), "sdpa", "with use_weighting"),
 ])
-def test_refusals_are_one_line(changes: dict, processes: int, heads: tuple[int, int], implementation: str,
+def test_refusals_are_one_line(changes: dict, processes: int, heads: tuple, implementation: str,
                                message: str) -> None:
-    config = types.SimpleNamespace(num_attention_heads=heads[0], num_key_value_heads=heads[1])
+    config = types.SimpleNamespace(num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                                   layer_types=heads[2] if len(heads) > 2 else None)
     with pytest.raises(UserError, match=message) as info:
         check_run(_cfg(**changes), config, num_processes=processes, implementation=implementation)
     assert "\n" not in str(info.value)
@@ -290,3 +293,45 @@ def test_memory_benchmark_runs_the_same_pair_whole_and_split(tmp_path) -> None:
     assert split["local_tokens"] * 2 == whole["local_tokens"] + whole["local_tokens"] % 2
     assert abs(whole["chosen_logps"] - split["chosen_logps"]) <= 1e-4 * abs(whole["chosen_logps"])
     assert all(r["activation_mb"] > 0 and r["static_mb"] > 0 for r in (whole, split))
+
+
+def _split_check_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """`dpo.layouts.check_split_rows` on a model the split serves (Llama) and one it does not (GPT-OSS: per-head
+    attention sinks, a parameter of all H heads, meet the H/N heads of a rank)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from dpo import sequence_parallel as sp
+    from dpo.layouts import LayoutChoice, check_split_rows
+
+    group = sp.setup(world)
+    accelerator = types.SimpleNamespace(num_processes=world, device=torch.device("cpu"))
+    cfg = types.SimpleNamespace(max_tokens_per_row=256, mixed_precision="no", attn_implementation="eager")
+    outcome = {}
+    for family in ("llama", "gpt_oss"):
+        model = model_zoo.build(family)
+        model.config._attn_implementation = "eager"
+        spec = attention_spec(model.config)
+        choice = LayoutChoice(layout=PACKED_SHARED, attention=spec, message="", mask_form="dense")
+        try:
+            outcome[family] = check_split_rows([model], choice, cfg, accelerator, group=group, pad_token_id=0)
+        except UserError as error:
+            outcome[family] = f"refused: {error}"
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ALL_ATTENTION_FUNCTIONS._local_mapping.pop("eager", None)  # a passing check leaves the split installed
+    (Path(out_dir) / f"check{rank}.json").write_text(json.dumps(outcome))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_the_split_is_checked_on_the_model_before_training(tmp_path) -> None:
+    mp.spawn(_split_check_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        outcome = json.loads((tmp_path / f"check{rank}.json").read_text())
+        assert outcome["llama"].startswith("[dpo] sequence parallel: each row split across 2 processes (eager, 1 "
+                                           "data-parallel groups; checked on the model against whole rows"), outcome
+        assert outcome["gpt_oss"].startswith("refused: sequence_parallel_size 2: GptOssForCausalLM split across 2 "
+                                             "processes gives"), outcome
+        assert "\n" not in outcome["gpt_oss"]

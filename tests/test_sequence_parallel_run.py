@@ -94,7 +94,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SpRuns:
 def test_split_rows_reproduce_the_single_process_run(runs: SpRuns, config: str, extra: tuple[str, ...]) -> None:
     name = f"sp_{config}"
     out = runs.run(name, config, *extra)
-    assert "[dpo] sequence parallel: each row split across 2 processes (sdpa, 1 data-parallel groups)" in runs.log(name)
+    assert ("[dpo] sequence parallel: each row split across 2 processes (sdpa, 1 data-parallel groups; checked on the "
+            "model against whole rows") in runs.log(name)
     if "padded" in extra:
         assert "[dpo] layout: padded on sdpa" in runs.log(name)
     assert_same_trajectory(out, runs.single())
