@@ -103,6 +103,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     torch_dtype: str = "auto"  # auto|bf16|fp16|fp32 of frozen weights (LoRA base, reference); auto: model's if mixed
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about one more forward
+    sequence_parallel_size: int = 1  # processes splitting each row (Ulysses); data-parallel degree = processes / N
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only for folders you trust)
     # --- logging, evaluation, checkpoints
     logging_steps: int | float | str = 1  # write train metrics every N steps (float < 1: share of the run; epoch)
@@ -142,7 +143,8 @@ class TrainConfig:
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(valid)}")
-        positive = ("batch_size", "gradient_accumulation_steps", "logits_chunk_size", "max_tokens_per_row")
+        positive = ("batch_size", "gradient_accumulation_steps", "logits_chunk_size", "max_tokens_per_row",
+                    "sequence_parallel_size")
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)!r}")

@@ -37,6 +37,8 @@ class PreferenceBatch:
     ref_chosen_logps / ref_rejected_logps: [B] float, precomputed reference log-probs when the data has them
     alone:          each row runs as its own forward, cut to its real tokens (no padding, no mask): the layout of
                     last resort for a model that no batched layout serves exactly (`dpo.layouts.SINGLE`)
+    sequence_group: set on this rank's slice of a row split by sequence parallelism (`dpo.sequence_parallel`);
+                    the tensors above are the slice's columns, the attention mask the full row's
     """
 
     input_ids: torch.Tensor
@@ -50,6 +52,7 @@ class PreferenceBatch:
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
     alone: bool = False
+    sequence_group: Any = None
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         def move(t: Any) -> Any:
@@ -69,6 +72,7 @@ class PreferenceBatch:
             ref_chosen_logps=move(self.ref_chosen_logps),
             ref_rejected_logps=move(self.ref_rejected_logps),
             alone=self.alone,
+            sequence_group=self.sequence_group,
         )
 
 

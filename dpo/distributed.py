@@ -113,6 +113,24 @@ def gathered_parameters(params: list[torch.nn.Parameter], *, modify: bool) -> An
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
+def deepspeed_all_to_all() -> Any:
+    """DeepSpeed's differentiable all-to-all over dimension 0 (the operator its Ulysses attention uses), as
+    `all_to_all(group, tensor)`, with DeepSpeed's communication set up over the running process group (a DDP run
+    has none until now). Sequence parallelism (dpo/sequence_parallel.py) swaps tokens for heads with it."""
+    import deepspeed.comm
+    from deepspeed.sequence.layer import _dim_zero_all_to_all, register_all_to_all_group
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
+                                        verbose=False)
+
+    def all_to_all(group: Any, tensor: torch.Tensor) -> torch.Tensor:
+        register_all_to_all_group(group)  # the operator finds its group by name
+        return _dim_zero_all_to_all(group, tensor)
+
+    return all_to_all
+
+
 def deepspeed_checkpoint_globals() -> list[Any]:
     """The plain-data DeepSpeed classes its optimizer-state files pickle (an enum, a dataclass of ints, the loss
     scaler's attributes): allowed by a `weights_only` load of a checkpoint, nothing else is."""

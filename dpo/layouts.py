@@ -37,6 +37,7 @@ import datasets
 import pyarrow.compute as pc
 import torch
 
+from dpo import sequence_parallel as sp
 from dpo.attention import implementation_of
 from dpo.attention import mask_form as attention_mask_form
 from dpo.config import TrainConfig
@@ -584,3 +585,61 @@ def choose_run_layout(models: Sequence[torch.nn.Module], cfg: TrainConfig, accel
                          precise=fp32_weights and cfg.mixed_precision == "no", longest=data.longest,
                          empty_prompts=data.empty_prompts, reduce_max=reduce_max, device=accelerator.device,
                          allow_nondeterministic_train=cfg.allow_nondeterministic_train)
+
+
+# ------------------------------------------------------------------------------------------------ split rows
+
+SPLIT_PROBE_LENGTH = 48  # tokens of the split check's long sequence: several attention blocks on every rank
+
+
+@torch.no_grad()
+def check_split_rows(models: Sequence[torch.nn.Module], choice: LayoutChoice, cfg: TrainConfig, accelerator: Any, *,
+                     group: Any, pad_token_id: int) -> str:
+    """Sequence parallelism checked on the models themselves, as the layout is: probe pairs in the run's layout, each
+    model's per-sequence log-probs with the rows whole, then (after `dpo.sequence_parallel.install`) with the rows
+    split across `group`; a model that is not within the layout probe's tolerance - a layer that mixes tokens outside
+    attention, per-head state the split does not cut, an attention path the wrapper does not reach - is refused
+    with one line (the split attention is removed first). Returns the log line."""
+    text = _text_config(_config_of(models[0]))
+    pairs = probe_pairs(int(getattr(text, "vocab_size", None) or 32), SPLIT_PROBE_LENGTH,
+                        max_positions=getattr(text, "max_position_embeddings", None), avoid=[pad_token_id])
+    batch = make_collate(choice.layout, pad_token_id=pad_token_id, max_tokens_per_row=cfg.max_tokens_per_row,
+                         attention=choice.attention, mask_form=choice.mask_form)(pairs, None)
+    precise = all(next(m.parameters()).dtype == torch.float32 for m in models) and cfg.mixed_precision == "no"
+
+    def values(model: torch.nn.Module, rows: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        with _mode(model, training=False):
+            out = sequence_logps(model, rows.to(accelerator.device))
+        lengths = torch.cat([out.chosen_lengths, out.rejected_lengths]).double().cpu()
+        return torch.cat([out.chosen_logps, out.rejected_logps]).double().cpu(), lengths
+
+    whole = [values(m, batch) for m in models]
+    restore = sp.install(group, cfg.attn_implementation)
+    worst, failed = 0.0, None
+    for model, (want, lengths) in zip(models, whole):
+        try:
+            got, _ = values(model, sp.shard(batch, group, choice.attention, mask_form=choice.mask_form))
+            difference = (got - want).abs()
+            gap = float(difference.max()) if bool(torch.isfinite(difference).all()) else math.inf
+            excess = float((difference - _tolerances(want, lengths, precise=precise, noise=0.0)).max())
+            excess = excess if math.isfinite(excess) else math.inf
+        except Exception as exc:  # a model whose attention the split cannot run at all
+            gap, excess, failed = math.inf, math.inf, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        worst = max(worst, gap)
+        if _reduce_max(excess, accelerator) > 0:
+            restore()
+            what = failed or f"log-probs {_reduce_max(gap, accelerator):.3g} nats away from the whole rows'"
+            raise UserError(f"sequence_parallel_size {group.size}: {model_class_name(model)} split across "
+                            f"{group.size} processes gives {what} (checked on the model; some layer mixes tokens "
+                            f"outside attention or keeps per-head state); train it with --sequence_parallel_size 1")
+    return (f"[dpo] sequence parallel: each row split across {group.size} processes ({cfg.attn_implementation}, "
+            f"{group.data_size} data-parallel groups; checked on the model against whole rows: "
+            f"{_reduce_max(worst, accelerator):.2g} nats)")
+
+
+def _reduce_max(value: float, accelerator: Any) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())

@@ -8,12 +8,14 @@ A model whose head `dpo.lm_head` cannot reproduce takes the dense path: its own 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dpo.data import PreferenceBatch
 from dpo.lm_head import chunked_head_logps, forward_keeping
 from dpo.masks import model_attention_mask
+from dpo.sequence_parallel import sum_over_group
 
 
 @dataclass
@@ -67,12 +69,16 @@ def log_sum_sq_probs(logits: torch.Tensor, *, chunk_size: int = 1024) -> torch.T
 
 
 def scatter_sequence_logps(
-    token_logps: torch.Tensor, token_seq: torch.Tensor, num_pairs: int, *, average: bool
+    token_logps: torch.Tensor, token_seq: torch.Tensor, num_pairs: int, *, average: bool, sequence_group: Any = None
 ) -> SequenceLogps:
-    """Sum token log-probs into their 2B sequences (chosen 0..B-1, rejected B..2B-1)."""
+    """Sum token log-probs into their 2B sequences (chosen 0..B-1, rejected B..2B-1); with a `sequence_group`,
+    this rank's tokens are a slice of each row, and sums and counts are added over the group."""
     sums = token_logps.new_zeros(2 * num_pairs).index_add(0, token_seq, token_logps)
     counts = torch.zeros(2 * num_pairs, dtype=token_logps.dtype, device=token_logps.device)
     counts = counts.index_add(0, token_seq, torch.ones_like(token_logps))
+    if sequence_group is not None:
+        sums = sum_over_group(sums, sequence_group)
+        counts = sum_over_group(counts, sequence_group).detach()
     means = sums / counts.clamp(min=1)
     values = means if average else sums
     return SequenceLogps(
@@ -125,7 +131,8 @@ def sequence_logps(
                       position_ids=batch.position_ids, use_cache=False)
         token_logps, log_sum_sq = _token_logps(model, inputs, keep, batch.target_ids[keep], chunk_size=chunk_size,
                                                with_log_sum_sq=with_log_sum_sq)
-    out = scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average)
+    out = scatter_sequence_logps(token_logps, batch.target_seq[keep], batch.num_pairs, average=average,
+                                 sequence_group=batch.sequence_group)
     out.token_log_sum_sq = log_sum_sq
     return out
 

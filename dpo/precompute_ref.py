@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 import torch
 
+from dpo import sequence_parallel as sp
 from dpo.atomic import interrupted_replacement, recover, staged_folder
 from dpo.attention import resolve_for_run
 from dpo.config import ConfigError, TrainConfig, load_config
@@ -40,7 +41,7 @@ from dpo.contract import REF_COLUMNS, SPLITS, check_data_contract
 from dpo.data import eval_micro_batches, load_split
 from dpo.distributed import build_accelerator
 from dpo.errors import UserError, run_cli
-from dpo.layouts import choose_run_layout, data_shape, make_collate
+from dpo.layouts import check_split_rows, choose_run_layout, data_shape, make_collate
 from dpo.models import load_tokenizer
 from dpo.progress import quiet_library_progress
 from dpo.reference import FINGERPRINT_FILE, Reference, build_reference, run_fingerprint, split_fingerprint
@@ -52,17 +53,21 @@ def splits_present(data_path: str | Path) -> list[str]:
 
 
 def reference_logps_of_split(reference: Reference, dataset: datasets.Dataset, collate: Any, cfg: TrainConfig,
-                             accelerator: Any) -> tuple[np.ndarray, np.ndarray] | None:
+                             accelerator: Any, *, sequence_group: sp.SequenceGroup | None = None
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
     """(chosen, rejected) float32 [N] on the main process (None elsewhere); every pair computed by exactly one
-    process. All processes run the same number of equal batches (ZeRO-3 needs every rank in every forward)."""
+    process (one sequence-parallel group, whose lead reports it). All processes run the same number of equal batches
+    (ZeRO-3 needs every rank in every forward)."""
+    data_world, data_rank = sp.data_parallel(sequence_group, num_processes=accelerator.num_processes,
+                                             process_index=accelerator.process_index)
     batches = eval_micro_batches(len(dataset), batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+                                 num_processes=data_world, process_index=data_rank)
     rows = []
     for indices, weights in batches:
         batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
         chosen, rejected = reference.logps(batch)
         rows.append(torch.stack([torch.tensor(indices, dtype=torch.float64, device=chosen.device),
-                                 batch.pair_weight.double(), chosen.double(), rejected.double()], dim=1))
+                                 sp.counted(batch)[0].double(), chosen.double(), rejected.double()], dim=1))
     local = torch.cat(rows) if rows else torch.zeros((0, 4), dtype=torch.float64, device=accelerator.device)
     gathered = accelerator.gather(local) if accelerator.num_processes > 1 else local
     if not accelerator.is_main_process:
@@ -118,7 +123,9 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     accelerator = build_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
                                     max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size or cfg.batch_size)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    cfg = resolve_for_run(cfg, device_type=accelerator.device.type, needs_backward=False)  # a no-grad forward
+    cfg = resolve_for_run(sp.splittable_request(cfg), device_type=accelerator.device.type,
+                          needs_backward=False)  # a no-grad forward
+    sp.check_models(cfg, num_processes=accelerator.num_processes)
     data = check_data_contract(cfg, {s: load_split(cfg.data_path, s) for s in SPLITS}, log=log)
     missing = [s for s in splits if s not in data.splits]
     if missing:
@@ -131,12 +138,18 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     log(choice.message.replace("[dpo]", "[precompute_ref]", 1))
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
                            attention=choice.attention, mask_form=choice.mask_form)
+    sequence_group = sp.setup(cfg.sequence_parallel_size)
+    if sequence_group is not None:  # after the layout probe (whole rows); split rows checked against them
+        log(check_split_rows([reference.model], choice, cfg, accelerator, group=sequence_group,
+                             pad_token_id=pad_id).replace("[dpo]", "[precompute_ref]", 1))
+        collate = sp.splitting(collate, sequence_group, choice.attention, mask_form=choice.mask_form)
     run = run_fingerprint(cfg) if accelerator.is_main_process else {}
     fingerprints = {}
     for split in splits:
         dataset = data.splits[split]
         start = time.perf_counter()
-        result = reference_logps_of_split(reference, dataset, collate, cfg, accelerator)
+        result = reference_logps_of_split(reference, dataset, collate, cfg, accelerator,
+                                          sequence_group=sequence_group)
         if accelerator.is_main_process:
             fingerprint = split_fingerprint(run, data, split)
             fingerprint["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

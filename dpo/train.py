@@ -25,6 +25,7 @@ from transformers import get_scheduler
 
 from dpo import checkpoint as ckpt
 from dpo import resize
+from dpo import sequence_parallel as sp
 from dpo.atomic import staged_folder
 from dpo.attention import resolve_for_run
 from dpo.config import TrainConfig, config_to_dict, load_config, save_config
@@ -36,7 +37,7 @@ from dpo.errors import TrainingDiverged, UserError, run_cli
 from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
 from dpo.host_memory import return_freed_memory
-from dpo.layouts import choose_run_layout, data_shape, make_collate
+from dpo.layouts import check_split_rows, choose_run_layout, data_shape, make_collate
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
@@ -93,13 +94,15 @@ def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: Prefe
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collate: Any, cfg: TrainConfig,
-             accelerator: Any, *, step: int | None = None, log: Callable[[str], None] | None = None
-             ) -> dict[str, float]:
+             accelerator: Any, *, step: int | None = None, log: Callable[[str], None] | None = None,
+             sequence_group: sp.SequenceGroup | None = None) -> dict[str, float]:
     """Loss, rewards, both preference accuracies and log-ratio over the eval pairs (all, or eval_max_pairs' fixed
     subset) exactly once, all processes, in the run's layout (`collate`) and batches of `dpo.evaluation`; a
     progress bar on the main process; `runtime` (s) and `pairs_per_second` too, and one line to `log`."""
     started = time.perf_counter()
-    plan = eval_plan(dataset, cfg, num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+    data_world, data_rank = sp.data_parallel(sequence_group, num_processes=accelerator.num_processes,
+                                             process_index=accelerator.process_index)
+    plan = eval_plan(dataset, cfg, num_processes=data_world, process_index=data_rank)
     policy.eval()
     acc = MetricAccumulator(accelerator.device)
     progress = progress_bar(total=plan.num_pairs, initial=0, enabled=accelerator.is_main_process, desc="eval")
@@ -112,7 +115,7 @@ def evaluate(policy: torch.nn.Module, reference: Reference, dataset: Any, collat
                 raise UserError(f"evaluation: a batch of {plan.batch_size} eval pairs does not fit in device memory "
                                 f"(the longest pairs come first); set --eval_batch_size "
                                 f"{max(1, plan.batch_size // 2)}") from None
-            acc.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
+            acc.add(out.pair_metrics, *sp.counted(batch))
             progress.update(pairs)
     finally:
         progress.close()
@@ -222,12 +225,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     out_dir = Path(cfg.output_dir)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     # The attention kernel this machine and model can run, or a one-line refusal (dpo/attention.py).
-    cfg = resolve_for_run(cfg, device_type=accelerator.device.type, needs_backward=True)
+    cfg = resolve_for_run(sp.splittable_request(cfg), device_type=accelerator.device.type, needs_backward=True)
     cfg = prepare_recipe_data(cfg, accelerator, log)  # raw data named by the recipe: prepared once, cached
     resume_path = validate_startup(cfg, log)  # nothing is written to out_dir before this passes
+    sp.check_models(cfg, num_processes=accelerator.num_processes)  # refusals of --sequence_parallel_size
     # The recipe's batch, or on a resume whatever keeps the checkpoint's global batch on this many processes.
     plan = resize.plan_run(cfg, accelerator, resume_path, log=log)
     batch_size, accumulation = plan.batch_size, plan.gradient_accumulation_steps
+    if plan.resized and cfg.sequence_parallel_size > 1:
+        raise UserError(f"resume_from_checkpoint: sequence_parallel_size {cfg.sequence_parallel_size} with a resume on "
+                        f"another number of processes or ZeRO stage is not supported yet; resume as it was written")
+    sequence_group = sp.setup(cfg.sequence_parallel_size)  # None at 1: every process has rows of its own
 
     # ---- data: the prepared tokenizer must be the model's own (final/ ships the model's)
     train_ds = load_split(cfg.data_path, "train")
@@ -239,7 +247,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     eval_ds = eval_ds if cfg.do_eval else None  # checked with the rest of the data, not evaluated
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    world = accelerator.num_processes
+    # The data-parallel degree: the ranks of a sequence-parallel group read the same pairs.
+    world, data_rank = sp.data_parallel(sequence_group, num_processes=accelerator.num_processes,
+                                        process_index=accelerator.process_index)
     steps_per_epoch = optimizer_steps_per_epoch(len(train_ds), batch_size=batch_size, num_processes=world,
                                                 accumulation=accumulation)
     global_batch = batch_size * accumulation * world
@@ -254,7 +264,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     left_out = len(train_ds) - steps_per_epoch * global_batch
     log(f"[dpo] {len(train_ds)} train pairs, {len(eval_ds) if eval_ds else 0} eval pairs; global batch "
         f"{global_batch} = {batch_size} per device x {accumulation} accumulation x {world} "
-        f"processes; {steps_per_epoch} steps per epoch, {total_steps} steps")
+        f"{'processes' if sequence_group is None else 'sequence-parallel groups'}; {steps_per_epoch} steps per "
+        f"epoch, {total_steps} steps")
     if left_out:
         log(f"[dpo] each epoch leaves out {left_out} pairs that do not fill a whole global batch "
             f"(a different {left_out} each epoch: the order is reshuffled)")
@@ -281,6 +292,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     log(choice.message)
     collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
                            attention=choice.attention, mask_form=choice.mask_form)
+    if sequence_group is not None:  # after the layout probe (whole rows); split rows checked against them
+        log(check_split_rows(probed, choice, cfg, accelerator, group=sequence_group, pad_token_id=pad_id))
+        collate = sp.splitting(collate, sequence_group, choice.attention, mask_form=choice.mask_form)
     if accelerator.is_main_process:
         # ZeRO-3 leaves an empty placeholder in each partitioned parameter; ds_numel is its full size.
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)
@@ -315,7 +329,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
 
     last_eval: dict[str, float] = {}
     if cfg.eval_on_start and state.step == 0:  # the starting model: the "before" of every eval curve
-        last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=0, log=log)
+        last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=0, log=log,
+                             sequence_group=sequence_group)
         writer.write(0, "eval", last_eval)
         update_early_stopping(state, last_eval, cfg, log)  # the baseline a later evaluation must improve on
     elif cfg.eval_on_start:  # a resumed run's weights are not the starting model's; its step 0 is already logged
@@ -340,7 +355,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     while state.step < total_steps and not state.stopped_early:
         epoch = state.step // steps_per_epoch
         micro_batches = train_micro_batches(
-            len(train_ds), batch_size=batch_size, num_processes=world, process_index=accelerator.process_index,
+            len(train_ds), batch_size=batch_size, num_processes=world, process_index=data_rank,
             accumulation=accumulation, seed=cfg.seed, epoch=epoch)
         # A resumed run skips the micro-batches of this epoch that its checkpoint's steps already trained on.
         trained_micro_batches = (state.step % steps_per_epoch) * accumulation
@@ -349,7 +364,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
             with accelerator.accumulate(policy):  # no gradient all-reduce until the step's last micro-batch
                 out = forward_and_loss(policy, reference, batch, cfg)
                 accelerator.backward(out.loss)
-            accumulator.add(out.pair_metrics, batch.pair_weight, batch.num_tokens)
+            accumulator.add(out.pair_metrics, *sp.counted(batch))  # each pair once per sequence group
             if not accelerator.sync_gradients:
                 continue
             step_metrics = optimizer_step(policy, optimizer, scheduler, accelerator, accumulator, guard, cfg,
@@ -365,7 +380,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                 writer.write(state.step, "train", step_metrics)
             if eval_ds is not None and ((eval_every and state.step % eval_every == 0)
                                         or state.step == total_steps):
-                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=state.step, log=log)
+                last_eval = evaluate(policy, reference, eval_ds, collate, cfg, accelerator, step=state.step, log=log,
+                                     sequence_group=sequence_group)
                 writer.write(state.step, "eval", last_eval)
                 update_early_stopping(state, last_eval, cfg, log)
             saved = save_every and state.step % save_every == 0 and state.step < total_steps

@@ -50,6 +50,14 @@ COVERAGE: dict[str, str] = {
     "--model_path /shared/models/sft --data_path /shared/data/prepped --output_dir /shared/runs/dpo": "multi_node",
     "sbatch examples/slurm_multi_node.sbatch --config recipes/full_small.yaml --model_path /shared/models/sft "
     "--data_path /shared/data/prepped --output_dir /shared/runs/dpo": "slurm",
+    "NUM_MACHINES=2 NUM_PROCESSES=16 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 MAIN_PROCESS_PORT=29500 ./launch.sh "
+    "train --accelerate_config accelerate_configs/multi_node_zero3.yaml --config recipes/full_small.yaml "
+    "--model_path /shared/models/sft --data_path /shared/data/prepped --output_dir /shared/runs/dpo_long "
+    "--sequence_parallel_size 8": "sequence_parallel",
+    "NUM_MACHINES=2 NUM_PROCESSES=16 MACHINE_RANK=1 MAIN_PROCESS_IP=10.0.0.1 MAIN_PROCESS_PORT=29500 ./launch.sh "
+    "train --accelerate_config accelerate_configs/multi_node_zero3.yaml --config recipes/full_small.yaml "
+    "--model_path /shared/models/sft --data_path /shared/data/prepped --output_dir /shared/runs/dpo_long "
+    "--sequence_parallel_size 8": "sequence_parallel",
     "python -m dpo.train --config recipes/full_small.yaml --model_path path/to/sft_model --data_path data/prepped "
     "--output_dir runs/my_mix --loss_type '[sigmoid, bco_pair, sft]' --loss_weights '[0.8, 0.2, 1.0]'": "objectives",
     "python -m dpo.train --config recipes/full_small.yaml --model_path path/to/sft_model --data_path data/prepped "
@@ -284,17 +292,23 @@ def test_trl_recipe(workspace, tmp_path):
 
 
 @pytest.mark.distributed
-def test_multi_node(workspace):
-    """Reduced: both "machines" on this one (127.0.0.1), one process each, started at the same time."""
-    commands = group_commands("multi_node")
-    shutil.rmtree(workspace.runs / "shared_dpo", ignore_errors=True)
+@pytest.mark.parametrize("group, out_name, batch_line", [
+    ("multi_node", "shared_dpo", "2 per device x 1 accumulation x 2 processes"),
+    ("sequence_parallel", "shared_dpo_long", "2 per device x 1 accumulation x 1 sequence-parallel groups"),
+])
+def test_multi_node(workspace, group: str, out_name: str, batch_line: str):
+    """Reduced: both "machines" on this one (127.0.0.1), one process each, started at the same time; a
+    sequence-parallel group of 2 (the 2 processes there are) instead of 8."""
+    commands = group_commands(group)
+    shutil.rmtree(workspace.runs / out_name, ignore_errors=True)
     assert [re.search(r"MACHINE_RANK=(\d)", c).group(1) for c in commands] == ["0", "1"]
     port = str(free_port())
     procs = []
     for command in commands:
         reduced = workspace.substitute(command).replace("NUM_PROCESSES=16", "NUM_PROCESSES=2") \
             .replace("MAIN_PROCESS_IP=10.0.0.1", "MAIN_PROCESS_IP=127.0.0.1") \
-            .replace("MAIN_PROCESS_PORT=29500", f"MAIN_PROCESS_PORT={port}")
+            .replace("MAIN_PROCESS_PORT=29500", f"MAIN_PROCESS_PORT={port}") \
+            .replace("--sequence_parallel_size 8", "--sequence_parallel_size 2")
         procs.append(subprocess.Popen(["bash", "-c", reduced + REDUCED_TRAINING], cwd=ROOT, env=run_env(),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
@@ -304,8 +318,8 @@ def test_multi_node(workspace):
             if proc.poll() is None:
                 proc.kill()
     assert all(proc.returncode == 0 for proc in procs), "\n\n".join(o[-4000:] for o in outputs)
-    assert "2 per device x 1 accumulation x 2 processes" in outputs[0]
-    assert_trained(workspace.runs / "shared_dpo")
+    assert batch_line in outputs[0]
+    assert_trained(workspace.runs / out_name)
 
 
 @pytest.mark.distributed
