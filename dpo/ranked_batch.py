@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 
 from dpo.data import PreferenceBatch, pack_first_fit
@@ -58,9 +59,15 @@ def max_answers(dataset: Any) -> int:
     """K: the most answers a record of `dataset` has (2 for pairwise data)."""
     if "responses_ids" not in dataset.column_names:
         return 2
-    import pyarrow.compute as pc
-
     return int(pc.max(pc.list_value_length(dataset.data.column("responses_ids"))).as_py())
+
+
+def longest_ranked_sequence(dataset: Any) -> int:
+    """Tokens of the longest prompt + answer over every answer of a ranked split."""
+    responses = dataset.data.column("responses_ids").combine_chunks()
+    prompt = pc.list_value_length(dataset.data.column("prompt_ids")).combine_chunks()
+    answers = pc.list_value_length(pc.list_flatten(responses))
+    return int(pc.max(pc.add(answers, prompt.take(pc.list_parent_indices(responses)))).as_py() or 0)
 
 
 @dataclass
@@ -71,20 +78,20 @@ class RankedBatch(PreferenceBatch):
     num_prompts:     B
     num_answers:     K
     scores:          [B, K] float64, NaN where a prompt has no answer a
-    prompt_weight:   [B] float, 1 for real prompts, 0 for those that only fill the last eval batch
+    pair_weight:     [B] float here: one weight per prompt (1 real, 0 only fills the last eval batch); the
+                     forward never reads it, the loss and the metrics weigh prompts with it
     ref_answer_logps: [B, K] float, precomputed reference log-probs (NaN where absent), or None
     """
 
     num_prompts: int = 0
     num_answers: int = 2
     scores: torch.Tensor | None = None
-    prompt_weight: torch.Tensor | None = None
     ref_answer_logps: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "RankedBatch":
         moved = PreferenceBatch.to(self, device)
         return RankedBatch(**vars(moved), num_prompts=self.num_prompts, num_answers=self.num_answers,
-                           scores=_move(self.scores, device), prompt_weight=_move(self.prompt_weight, device),
+                           scores=_move(self.scores, device),
                            ref_answer_logps=_move(self.ref_answer_logps, device))
 
     def unflatten(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -186,10 +193,10 @@ def collate_ranked(records: list[dict[str, Any]], weights: list[float] | None = 
     useful = sum(len(g.prompt) * len(g.answers) + sum(map(len, g.answers)) for g, w in zip(groups, weights) if w > 0)
     return RankedBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=mask, target_ids=target_ids,
-        target_seq=target_seq, pair_weight=torch.ones(half), num_pairs=half, num_tokens=int(useful),
+        target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=half, num_tokens=int(useful),
         ref_chosen_logps=flat_ref[:half] if has_ref else None, ref_rejected_logps=flat_ref[half:] if has_ref else None,
         alone=layout.alone, num_prompts=num_prompts, num_answers=num_answers, scores=scores,
-        prompt_weight=torch.tensor(weights, dtype=torch.float32), ref_answer_logps=ref if has_ref else None)
+        ref_answer_logps=ref if has_ref else None)
 
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

@@ -36,7 +36,8 @@ from dpo.errors import TrainingDiverged, UserError, run_cli
 from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
 from dpo.host_memory import return_freed_memory
-from dpo.layouts import choose_run_layout, data_shape, make_collate
+from dpo.layouts import choose_run_layout, data_shape
+from dpo.listwise_step import check_ranked_run, is_ranked, make_run_collate, ranked_forward_and_loss
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
@@ -46,6 +47,7 @@ from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
 from dpo.preemption import PreemptionSignals
 from dpo.progress import progress_bar, quiet_library_progress
+from dpo.ranked_batch import RankedBatch
 from dpo.recipe_data import prepare_recipe_data
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
@@ -71,6 +73,8 @@ class StepOutput:
 def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: PreferenceBatch, cfg: TrainConfig
                      ) -> StepOutput:
     """Reference log-probs (no grad), one policy forward over chosen and rejected together, then the loss."""
+    if isinstance(batch, RankedBatch):  # k scored answers per prompt (dpo/listwise_step.py)
+        return ranked_forward_and_loss(policy, reference, batch, cfg)  # type: ignore[return-value]
     ref_chosen, ref_rejected = reference.logps(batch)
     # Some losses want per-token means (SimPO's reward is length-normalised by definition, Meng et al. 2024, Eq. 4).
     average = cfg.average_log_prob or wants_mean_logps(cfg.loss_type)
@@ -237,6 +241,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                         f"makes one)")
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
     eval_ds = eval_ds if cfg.do_eval else None  # checked with the rest of the data, not evaluated
+    if is_ranked(cfg, train_ds, eval_ds):  # k scored answers per prompt: one record is one prompt
+        check_ranked_run(cfg)
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes
@@ -279,8 +285,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     choice = choose_run_layout(probed, cfg, accelerator, pad_token_id=pad_id,
                                data=data_shape(train_ds, eval_ds))
     log(choice.message)
-    collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           attention=choice.attention, mask_form=choice.mask_form)
+    collate = make_run_collate(choice, cfg, pad_token_id=pad_id, datasets_=(train_ds, eval_ds))
     if accelerator.is_main_process:
         # ZeRO-3 leaves an empty placeholder in each partitioned parameter; ds_numel is its full size.
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped_policy.parameters() if p.requires_grad)
