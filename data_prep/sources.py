@@ -105,6 +105,7 @@ def read_sources(
     default_splits: tuple[str, ...] = TRAIN_SPLITS,
     columns: ColumnMap = ColumnMap(),
     desc: str = "read",
+    score_field: str = "overall_score",
 ) -> ReadResult:
     """Every record of every input, in order, normalised by `formats.read_records`; bad ones go to `skips`.
 
@@ -121,7 +122,7 @@ def read_sources(
     table_rows = sum(source.rows or 0 for source in sources)
     with tqdm(total=table_rows, desc=desc, unit="row", disable=None if table_rows else True) as progress:
         streams = ((source.name, _counted(source, progress)) for source in sources)
-        result = read_records(streams, shape=shape, skips=skips)
+        result = read_records(streams, shape=shape, skips=skips, score_field=score_field)
     result.skipped_folders = [str(folder) for folder in skipped]
     return result
 

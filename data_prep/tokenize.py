@@ -97,21 +97,26 @@ def assemble(
     """(prompt_ids, chosen_ids, rejected_ids, boundary_adjusted) from the encodings of prompt, prompt + chosen
     and prompt + rejected (no special tokens added), by the BOS, EOS and boundary rules of this module.
     """
+    prompt_ids, (chosen_ids, rejected_ids), adjusted = assemble_answers(
+        prompt_tokens, [chosen_tokens, rejected_tokens], special)
+    return prompt_ids, chosen_ids, rejected_ids, adjusted
+
+
+def assemble_answers(
+    prompt_tokens: list[int], full_tokens: list[list[int]], special: SpecialIds
+) -> tuple[list[int], list[list[int]], bool]:
+    """`assemble` for any number of answers: (prompt_ids, answer ids, boundary_adjusted) from the encodings of the
+    prompt and of prompt + each answer. The prompt is the part every encoding shares."""
     bos = special.bos_id
     starts_with_bos = bos is not None and prompt_tokens[:1] == [bos]
     if starts_with_bos:
-        prompt_tokens, chosen_tokens, rejected_tokens = (
-            _strip_leading(ids, bos) for ids in (prompt_tokens, chosen_tokens, rejected_tokens)
-        )
-    shared = min(
-        common_prefix_length(prompt_tokens, chosen_tokens),
-        common_prefix_length(prompt_tokens, rejected_tokens),
-    )
+        prompt_tokens = _strip_leading(prompt_tokens, bos)
+        full_tokens = [_strip_leading(ids, bos) for ids in full_tokens]
+    shared = min(common_prefix_length(prompt_tokens, ids) for ids in full_tokens)
     lead = [bos] if bos is not None and (special.adds_bos or starts_with_bos) else []
     prompt_ids = lead + prompt_tokens[:shared]
-    chosen_ids = _end_with_eos(chosen_tokens[shared:], special.eos_id)
-    rejected_ids = _end_with_eos(rejected_tokens[shared:], special.eos_id)
-    return prompt_ids, chosen_ids, rejected_ids, shared < len(prompt_tokens)
+    answers = [_end_with_eos(ids[shared:], special.eos_id) for ids in full_tokens]
+    return prompt_ids, answers, shared < len(prompt_tokens)
 
 
 def _strip_leading(ids: list[int], token: int) -> list[int]:
@@ -140,6 +145,16 @@ def truncate(
     """Prompt from the left to `max_prompt_length` (keeping its first token, BOS, when `keep_first`), then
     each response from the right to `max_length - len(prompt)`, its last kept token replaced by its EOS.
     """
+    prompt_ids, (chosen_ids, rejected_ids), truncated = truncate_answers(
+        prompt_ids, [chosen_ids, rejected_ids], max_length=max_length, max_prompt_length=max_prompt_length,
+        keep_first=keep_first)
+    return prompt_ids, chosen_ids, rejected_ids, truncated
+
+
+def truncate_answers(
+    prompt_ids: list[int], answers: list[list[int]], *, max_length: int, max_prompt_length: int, keep_first: bool
+) -> tuple[list[int], list[list[int]], bool]:
+    """`truncate` for any number of answers, each cut alike."""
     truncated = False
     if len(prompt_ids) > max_prompt_length:
         head = prompt_ids[:1] if keep_first else []
@@ -147,12 +162,12 @@ def truncate(
         truncated = True
     budget = max_length - len(prompt_ids)
     responses = []
-    for ids in (chosen_ids, rejected_ids):
+    for ids in answers:
         if len(ids) > budget:
             ids = ids[: budget - 1] + ids[-1:]
             truncated = True
         responses.append(ids)
-    return prompt_ids, responses[0], responses[1], truncated
+    return prompt_ids, responses, truncated
 
 
 class PairTokenizer:
@@ -211,6 +226,13 @@ class PairTokenizer:
         return [(ids[3 * number], ids[3 * number + 1], ids[3 * number + 2]) for number in range(len(rendered))]
 
     def __call__(self, pairs: list[PreferencePair]) -> list[TokenizedPair | BadRecord]:
+        if any(not isinstance(pair, PreferencePair) for pair in pairs):  # k-answer records: data_prep.ranked
+            from data_prep.ranked import tokenize_ranked
+
+            pairwise = [pair for pair in pairs if isinstance(pair, PreferencePair)]
+            plain = iter(self(pairwise) if pairwise else [])
+            return [next(plain) if isinstance(pair, PreferencePair) else tokenize_ranked(self, pair)
+                    for pair in pairs]
         rendered = [self._render_or_bad(pair) for pair in pairs]
         todo = [number for number, texts in enumerate(rendered) if not isinstance(texts, BadRecord)]
         triples: list[tuple[str, str, str]] = [rendered[number] for number in todo]  # type: ignore[misc]
