@@ -1,6 +1,7 @@
 """Training on prompts with k scored answers, end to end: each objective's step-1 loss and the eval metrics against a
-float64 oracle (every answer's log-prob from its own forward, a reference model other than the policy), and k = 2
-equal to today's pairwise run; resume."""
+float64 oracle (every answer's log-prob from its own forward, a reference model other than the policy), in the
+k-branch layout and the fallbacks; k = 2 equal to today's pairwise run; resume; the precomputed reference (one value
+per answer); LoRA with adapters disabled; ZeRO-3 on two processes."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from transformers import AutoModelForCausalLM
 from builders import make_model_dir, make_tokenizer, restamp
 from dpo.config import load_config
 from dpo.metrics import read_metrics
+from dpo.precompute_ref import main as precompute_main
 from dpo.train import train
+from tests.test_distributed import free_port, launch_cmd, run_launch
 
 pytestmark = pytest.mark.slow
 BETA = 0.1
@@ -189,3 +192,62 @@ def test_resume_equals_uninterrupted(inputs, tmp_path):
     other = load_file(str(interrupted / "final" / "model.safetensors"))
     for name, value in base.items():
         torch.testing.assert_close(other[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_precomputed_reference_stores_one_value_per_answer(inputs, tmp_path):
+    """precompute_ref on k-answer data: `ref_logps` holds each answer's reference log-prob (the float64 oracle's),
+    the pairwise columns the best and the worst answer's; training on them equals training with the model."""
+    data = str(shutil.copytree(inputs["data"], tmp_path / "data"))
+    assert precompute_main(["--model_path", inputs["model"], "--ref_model_path", inputs["ref"], "--data_path", data,
+                            "--batch_size", "3"]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(inputs["ref"]).double().eval()
+    for split in ("train", "eval"):
+        for row in datasets.load_from_disk(f"{data}/{split}"):
+            expected = [answer_logp(ref, row["prompt_ids"], a) for a in row["responses_ids"]]
+            assert row["ref_logps"] == pytest.approx(expected, rel=1e-5)
+            s = row["scores"]
+            best, worst = s.index(max(s)), len(s) - 1 - s[::-1].index(min(s))
+            assert (row["ref_chosen_logps"], row["ref_rejected_logps"]) == (row["ref_logps"][best],
+                                                                            row["ref_logps"][worst])
+    flags = ("--listwise_loss", "plackett_luce", "--max_steps", "3", "--batch_size", "4", "--eval_steps", "3")
+    pre = run(dict(inputs, pre=data), tmp_path / "pre", *flags, "--reference", "precomputed", data="pre")
+    model = run(inputs, tmp_path / "model", *flags, "--reference", "model")
+    assert [(r["step"], r["split"]) for r in pre] == [(r["step"], r["split"]) for r in model]
+    for a, b in zip(pre, model):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "ranking/kendall_tau", "rewards/rank_3"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(inputs, tmp_path):
+    """LoRA: the policy with its adapters switched off is the reference; equal to a frozen copy of the base."""
+    flags = ("--listwise_loss", "all_pairs", "--lora", "true", "--max_steps", "3", "--batch_size", "4",
+             "--learning_rate", "1e-2", "--eval_steps", "3")
+    off = run(dict(inputs, ref=inputs["model"]), tmp_path / "off", *flags, "--reference", "adapters_disabled")
+    copy = run(dict(inputs, ref=inputs["model"]), tmp_path / "copy", *flags, "--reference", "model")
+    assert abs(off[-1]["rewards/margins"]) > 1e-4  # the adapters moved the policy away from the reference
+    for a, b in zip(off, copy):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "ranking/kendall_tau"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.distributed
+def test_zero3_on_two_processes_reproduces_one_process(inputs, tmp_path):
+    """Two ZeRO-3 processes x batch 2 against one process x batch 4, softmax_negatives, a different reference (an
+    inference engine sharded like the policy): every logged value and the final weights."""
+    flags = ["--model_path", inputs["model"], "--ref_model_path", inputs["ref"], "--data_path", inputs["data"],
+             "--listwise_loss", "softmax_negatives", "--max_steps", "2", "--learning_rate", "1e-3", "--seed", "7",
+             "--eval_steps", "2", "--logging_steps", "1"]
+    run_launch(launch_cmd("zero3", [*flags, "--batch_size", "2", "--output_dir", str(tmp_path / "two")],
+                          num_processes=2, port=free_port()))
+    train(load_config([*flags, "--batch_size", "4", "--output_dir", str(tmp_path / "one")]))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "rewards/chosen", "rewards/accuracies", "ranking/kendall_tau", "rewards/rank_2",
+                    "grad_norm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], a["split"], key)
+    base = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    other = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for name, value in base.items():
+        torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-6)
