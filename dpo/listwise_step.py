@@ -24,6 +24,7 @@ from dpo.listwise import listwise_loss, ranking_values
 from dpo.logprobs import sequence_logps
 from dpo.losses import wants_mean_logps
 from dpo.ranked_batch import RankedBatch, make_ranked_collate, max_answers
+from dpo.ranked_probe import check_ranked_layout
 from dpo.reference import Reference
 
 DEFAULT_LISTWISE = "all_pairs"
@@ -64,6 +65,16 @@ def make_run_collate(choice: LayoutChoice, cfg: Any, *, pad_token_id: int,
     return make_ranked_collate(choice.layout, num_answers=num_answers, pad_token_id=pad_token_id,
                                max_tokens_per_row=cfg.max_tokens_per_row, attention=choice.attention,
                                mask_form=choice.mask_form)
+
+
+def ranked_layout(models: list[torch.nn.Module], choice: LayoutChoice, cfg: Any, accelerator: Any, *,
+                  pad_token_id: int, datasets_: tuple[datasets.Dataset | None, ...], longest: int) -> LayoutChoice:
+    """The run's layout checked on rows of K answers per prompt when the run is ranked with K > 2."""
+    if not is_ranked(cfg, *datasets_):
+        return choice
+    num_answers = max(max_answers(d) for d in datasets_ if d is not None)
+    return check_ranked_layout(models, choice, cfg, accelerator, pad_token_id=pad_token_id, num_answers=num_answers,
+                               longest=longest)
 
 
 def answer_logps(model_out: Any, batch: RankedBatch, *, average: bool) -> tuple[torch.Tensor, ...]:

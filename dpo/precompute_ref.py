@@ -43,7 +43,7 @@ from dpo.data import eval_micro_batches, load_split
 from dpo.distributed import build_accelerator
 from dpo.errors import UserError, run_cli
 from dpo.layouts import choose_run_layout, data_shape
-from dpo.listwise_step import make_run_collate
+from dpo.listwise_step import make_run_collate, ranked_layout
 from dpo.models import load_tokenizer
 from dpo.progress import quiet_library_progress
 from dpo.ranked_batch import REF_ANSWER_COLUMN, RankedBatch
@@ -147,8 +147,11 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reference = build_reference("model", cfg, accelerator)  # exactly training's on-the-fly reference
-    choice = choose_run_layout([reference.model], cfg, accelerator, pad_token_id=pad_id,
-                               data=data_shape(*(data.splits[s] for s in splits)))
+    shape = data_shape(*(data.splits[s] for s in splits))
+    choice = choose_run_layout([reference.model], cfg, accelerator, pad_token_id=pad_id, data=shape)
+    choice = ranked_layout([reference.model], choice, replace(cfg, listwise_loss=None), accelerator,
+                           pad_token_id=pad_id, datasets_=tuple(data.splits[s] for s in splits),
+                           longest=shape.longest)
     log(choice.message.replace("[dpo]", "[precompute_ref]", 1))
     collate = make_run_collate(choice, replace(cfg, listwise_loss=None), pad_token_id=pad_id,
                                datasets_=tuple(data.splits[s] for s in splits))  # k answers when the data has them

@@ -37,7 +37,13 @@ from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
 from dpo.host_memory import return_freed_memory
 from dpo.layouts import choose_run_layout, data_shape
-from dpo.listwise_step import check_ranked_run, is_ranked, make_run_collate, ranked_forward_and_loss
+from dpo.listwise_step import (
+    check_ranked_run,
+    is_ranked,
+    make_run_collate,
+    ranked_forward_and_loss,
+    ranked_layout,
+)
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
@@ -282,8 +288,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
 
     # ---- layout: the fastest one that a probe of these very models proves exact (dpo/layouts.py)
     probed = [policy] + ([reference.model] if reference.model is not None else [])
-    choice = choose_run_layout(probed, cfg, accelerator, pad_token_id=pad_id,
-                               data=data_shape(train_ds, eval_ds))
+    shape = data_shape(train_ds, eval_ds)
+    choice = choose_run_layout(probed, cfg, accelerator, pad_token_id=pad_id, data=shape)
+    # k answers per prompt: the chosen layout is checked on rows of k answers too (dpo/ranked_probe.py).
+    choice = ranked_layout(probed, choice, cfg, accelerator, pad_token_id=pad_id, datasets_=(train_ds, eval_ds),
+                           longest=shape.longest)
     log(choice.message)
     collate = make_run_collate(choice, cfg, pad_token_id=pad_id, datasets_=(train_ds, eval_ds))
     if accelerator.is_main_process:
