@@ -596,4 +596,3 @@ def _tools(value: object, location: str) -> list[dict] | None | BadRecord:
     if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
         return BadRecord(location, Reason.WRONG_TYPE, "'tools' must be a list of objects (function schemas)")
     return value
-

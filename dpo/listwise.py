@@ -77,8 +77,8 @@ def pairwise_over_pairs(loss_type: str | list[str], policy: torch.Tensor, ref: t
     """all_pairs / best_vs_rest: the mean over each prompt's scored pairs of `preference_loss(loss_type)`. [B]
 
     `lengths` [B, K] answer token counts (None: log-probs are per-token means), `nll` [B, K] mean NLL per token (for
-    rpo_alpha), `nll_sum` [B, K] summed NLL (the sft term), `prompt_weight` [B] (0: a prompt that only fills a batch; batch-coupled losses
-    leave it out). Other keyword arguments go to `preference_loss` as they are."""
+    rpo_alpha), `nll_sum` [B, K] summed NLL (the sft term), `prompt_weight` [B] (0: a prompt that only fills a
+    batch; batch-coupled losses leave it out). Other keyword arguments go to `preference_loss` as they are."""
     prompt, better, worse = scored_pairs(scores, best_only=best_only)
 
     def pick(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:

@@ -9,8 +9,9 @@ position is described by three [R, T] tensors the collate functions fill in:
     position_ids: the position inside its own sequence (what the model's positional encoding sees)
 
 Query q may see key k when both are in the same segment, k is at or before q in the row, k is shared or in q's own
-branch (a rejected-branch token never sees a chosen-branch one; no answer branch sees another), and the layer's own restriction holds *in sequence positions*: a sliding
-window of W keeps keys with pos_q - pos_k < W, a chunk of C keeps keys with pos_q // C == pos_k // C (transformers'
+branch (a rejected-branch token never sees a chosen-branch one; no answer branch sees another), and the layer's own
+restriction holds *in sequence positions*: a sliding window of W keeps keys with pos_q - pos_k < W, a chunk of C
+keeps keys with pos_q // C == pos_k // C (transformers'
 `sliding_window_overlay` and `chunked_overlay`, applied to the positions the tokens have in their sequence rather
 than in the row). Padding sees only itself, so no softmax row is empty.
 

@@ -193,7 +193,8 @@ def collate_ranked(records: list[dict[str, Any]], weights: list[float] | None = 
     useful = sum(len(g.prompt) * len(g.answers) + sum(map(len, g.answers)) for g, w in zip(groups, weights) if w > 0)
     return RankedBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=mask, target_ids=target_ids,
-        target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=half, num_tokens=int(useful),
+        target_seq=target_seq, pair_weight=torch.tensor(weights, dtype=torch.float32), num_pairs=half,
+        num_tokens=int(useful),
         ref_chosen_logps=flat_ref[:half] if has_ref else None, ref_rejected_logps=flat_ref[half:] if has_ref else None,
         alone=layout.alone, num_prompts=num_prompts, num_answers=num_answers, scores=scores,
         ref_answer_logps=ref if has_ref else None)

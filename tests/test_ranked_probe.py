@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from model_zoo import build
 
 import dpo.ranked_batch as ranked_batch
 from dpo.layouts import PACKED, PACKED_SHARED, LayoutError, choose_layout
 from dpo.masks import build_attention_mask
 from dpo.ranked_probe import check_ranked_layout, probe_records
-from model_zoo import build
 
 CPU = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
 
