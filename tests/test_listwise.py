@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -209,3 +210,29 @@ def test_shared_branches_cannot_see_each_other():
     gap = (torch.cat([leaked.chosen_logps, leaked.rejected_logps])
            - torch.cat([truth.chosen_logps, truth.rejected_logps])).abs().max()
     assert gap > 0.1
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_listwise_config_is_checked_at_start_up():
+    from dpo.config import ConfigError, load_config
+
+    assert load_config(["--listwise_loss", "plackett_luce"]).listwise_loss == "plackett_luce"
+    with pytest.raises(ConfigError, match="listwise_loss: unknown 'listnet'; expected one of all_pairs"):
+        load_config(["--listwise_loss", "listnet"])
+    for flag in (["--use_weighting", "true"], ["--ld_alpha", "0.5"]):
+        with pytest.raises(ConfigError, match="defined for pairs only"):
+            load_config(["--listwise_loss", "all_pairs", *flag])
+
+
+def test_ranked_data_refuses_pair_only_options():
+    """Ranked data without --listwise_loss (all_pairs by default) is refused WPO and LD-DPO at start-up too."""
+    from dpo.errors import UserError
+    from dpo.listwise_step import check_ranked_run
+
+    with pytest.raises(UserError, match="use_weighting"):
+        check_ranked_run(SimpleNamespace(use_weighting=True, ld_alpha=None))
+    with pytest.raises(UserError, match="ld_alpha"):
+        check_ranked_run(SimpleNamespace(use_weighting=False, ld_alpha=0.5))
+    check_ranked_run(SimpleNamespace(use_weighting=False, ld_alpha=None))
