@@ -4,6 +4,7 @@ collates' tensors, and every layout's per-answer log-probs equal each prompt + a
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from model_zoo import build
+from test_flex_attention import eager_flex  # noqa: F401 - the fixture
 
 from dpo.layouts import PACKED, PACKED_SHARED, PADDED, SHARED, SINGLE, make_collate
 from dpo.listwise import (
@@ -236,3 +238,18 @@ def test_ranked_data_refuses_pair_only_options():
     with pytest.raises(UserError, match="ld_alpha"):
         check_ranked_run(SimpleNamespace(use_weighting=False, ld_alpha=0.5))
     check_ranked_run(SimpleNamespace(use_weighting=False, ld_alpha=None))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window"])
+def test_flex_attention_block_masks_serve_k_branch_rows(family, eager_flex):  # noqa: F811
+    """The same rule as block masks (FlexAttention, uncompiled): k branches per prompt equal each answer alone."""
+    model = build(family, vocab_size=32)
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("flex_attention")
+    batch = make_ranked_collate(PACKED_SHARED, num_answers=4, pad_token_id=0, max_tokens_per_row=40,
+                                attention=attention_spec(model.config), mask_form="block")(RANKED, None)
+    single = make_ranked_collate(SINGLE, num_answers=4, pad_token_id=0, max_tokens_per_row=40)(RANKED, None)
+    with torch.no_grad():
+        flex, alone = sequence_logps(twin, batch), sequence_logps(model, single)
+    torch.testing.assert_close(batch.unflatten(flex.chosen_logps, flex.rejected_logps),
+                               single.unflatten(alone.chosen_logps, alone.rejected_logps), rtol=1e-5, atol=1e-5)
