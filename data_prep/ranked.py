@@ -17,6 +17,7 @@ pairwise objectives leave tied pairs out, Plackett-Luce orders them by input ord
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,12 +146,12 @@ def _identical_with_other_scores(answers: list, scores: list[float]) -> str | No
     return None
 
 
-def has_surrogate(record: RankedRecord, pattern: object) -> bool:
+def has_surrogate(record: RankedRecord, pattern: re.Pattern[str]) -> bool:
     """Whether any text of the record holds a lone surrogate (`formats._ANY_SURROGATE`)."""
     parts = [record.prompt, *record.responses]
     for part in parts:
         texts = [part] if isinstance(part, str) else [text for message in part for text in message.values()]
-        if any(not text.isascii() and pattern.search(text) for text in texts):  # type: ignore[attr-defined]
+        if any(not text.isascii() and pattern.search(text) for text in texts):
             return True
     return False
 

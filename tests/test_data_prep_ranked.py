@@ -156,3 +156,19 @@ def test_the_contract_hash_sees_every_answer(tokenizer_dir, tmp_path):
                                    + row["responses_ids"][2:]})
     rescored = data.map(lambda row: {"scores": [s * 2 for s in row["scores"]]})
     assert len({base, split_sha256(middle), split_sha256(rescored)}) == 3
+
+
+def test_ultrafeedback_as_a_parquet_table(tokenizer_dir, tmp_path):
+    """A table of raw UltraFeedback rows (completions as a list of structs, extra columns) reads like the JSON."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(r, source="evol", models=["a", "b"]) for r in ULTRAFEEDBACK]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "uf.parquet")
+    report = prep(tokenizer_dir, tmp_path / "out", tmp_path / "uf.parquet",
+                  extra=("--score_field", "fine-grained_score"))
+    data = load_from_disk(str(tmp_path / "out" / "train"))
+    json_report = prep(tokenizer_dir, tmp_path / "out_json", write_jsonl(tmp_path / "uf.jsonl", ULTRAFEEDBACK),
+                       extra=("--score_field", "fine-grained_score"))
+    assert data.to_dict() == load_from_disk(str(tmp_path / "out_json" / "train")).to_dict()
+    assert report["pairs_written"] == json_report["pairs_written"] == {"train": 2, "eval": 0}
