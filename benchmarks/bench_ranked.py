@@ -257,6 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden-size", type=int, default=MODEL_SHAPE["hidden_size"], help="model width")
     parser.add_argument("--num-layers", type=int, default=MODEL_SHAPE["num_layers"], help="decoder layers")
     parser.add_argument("--vocab-size", type=int, default=MODEL_SHAPE["vocab_size"], help="BPE vocabulary")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--workdir", default="bench_results/workload_ranked", help="where the workload is built")
     parser.add_argument("--_row", default=None, help=argparse.SUPPRESS)
@@ -264,7 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--max-length={args.max_length}",
                         f"--prompts-per-step={args.prompts_per_step}", f"--seed={args.seed}",
-                        f"--max-tokens-per-row={args.max_tokens_per_row}", f"--workdir={args.workdir}"]
+                        f"--max-tokens-per-row={args.max_tokens_per_row}", f"--workdir={args.workdir}",
+                        f"--threads={args.threads}"]
     args.shape = model_shape(hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size)
     return args
 
@@ -272,6 +274,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     if args._row is not None:  # a child process: one row
         meta = json.loads((workdir / "workload.json").read_text())
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             if "useful_tokens_per_cpu_s" in r and "useful_tokens_per_cpu_s" in trl_row:
                 r["cpu_speedup_vs_trl"] = r["useful_tokens_per_cpu_s"] / trl_row["useful_tokens_per_cpu_s"]
     report = {"command": "python -m benchmarks.bench_ranked " + " ".join(sys.argv[1:] if argv is None else argv),
-              "hardware": hardware(), "workload": {k: v for k, v in meta.items() if k != "model_dir"} | {
+              "hardware": hardware(), "threads": torch.get_num_threads(), "workload": {k: v for k, v in meta.items() if k != "model_dir"} | {
                   "prompts_per_step": args.prompts_per_step, "warmup_steps": args.warmup,
                   "measured_steps": args.steps, **args.shape},
               "rows": results, "wall_s": time.time() - started}
