@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             if "useful_tokens_per_cpu_s" in r and "useful_tokens_per_cpu_s" in trl_row:
                 r["cpu_speedup_vs_trl"] = r["useful_tokens_per_cpu_s"] / trl_row["useful_tokens_per_cpu_s"]
     report = {"command": "python -m benchmarks.bench_ranked " + " ".join(sys.argv[1:] if argv is None else argv),
-              "hardware": hardware(), "threads": torch.get_num_threads(), "workload": {k: v for k, v in meta.items() if k != "model_dir"} | {
+              "hardware": hardware(), "threads": torch.get_num_threads(),
+              "workload": {k: v for k, v in meta.items() if k != "model_dir"} | {
                   "prompts_per_step": args.prompts_per_step, "warmup_steps": args.warmup,
                   "measured_steps": args.steps, **args.shape},
               "rows": results, "wall_s": time.time() - started}
