@@ -10,7 +10,9 @@ Records come from JSON/JSONL files, Parquet files and folders, `datasets` folder
 DIR afterwards holds
     train/, eval/       `datasets.save_to_disk` shards; columns prompt_ids, chosen_ids, rejected_ids (list<int32>,
                         responses without the prompt, each ending in one EOS) and source_index (int64, the
-                        record's number among the records read for that split)
+                        record's number among the records read for that split); data with k > 2 scored answers
+                        per prompt adds responses_ids (list<list<int32>>, input order) and scores (list<float64>),
+                        its pairwise columns holding the best and the worst answer (data_prep.ranked)
     tokenizer/          the tokenizer, `save_pretrained` (pad token set to EOS when it had none)
     prep_report.json    counts, skip reasons with `file:line` examples, token-length statistics, and the hashes
                         training verifies the data with (`dpo.contract`)
