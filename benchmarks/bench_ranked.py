@@ -211,7 +211,11 @@ def run_trl(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     tokens = [useful_tokens(group) for group in groups][args.warmup:]
     result = summarize(timer.times[args.warmup:], tokens, batch_size=args.prompts_per_step,
                        step_cpu=timer.cpu[args.warmup:] if device == "cpu" else None)
-    result.update(peak_memory_mb=peak_memory_mb(device), same_token_ids_as_dpo=same, trl_version=trl.__version__)
+    # What TRL computes: each batch's chosen and rejected sequences padded to its longest prompt + answer.
+    width = [2 * per_step * max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
+                                for p in pairs[k * per_step:(k + 1) * per_step]) for k in range(len(groups))]
+    result.update(peak_memory_mb=peak_memory_mb(device), same_token_ids_as_dpo=same, trl_version=trl.__version__,
+                  computed_tokens_per_step=statistics.mean(width[args.warmup:]))
     return result
 
 
