@@ -34,19 +34,17 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from data_prep.outputs import written_by_data_prep
+from data_prep.ranked import ANSWER_KEYS, RankedRecord, has_surrogate, normalise_ranked
+from data_prep.records import BadRecord, Message, Reason, messages_of
 
-if TYPE_CHECKING:
-    from data_prep.ranked import RankedRecord
+__all__ = ["ANSWER_KEYS", "BadRecord", "Message", "Reason", "RankedRecord", "messages_of"]  # shared with ranked
 
 Shape = Literal["explicit", "implicit", "conversational", "ranked"]
 SHAPES: tuple[Shape, ...] = ("explicit", "implicit", "conversational", "ranked")
-ANSWER_KEYS = ("responses", "completions")  # a record with one of these and no "chosen" has k answers
-Message = dict[str, str]
 INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
 # The Anthropic HH assistant marker. The implicit prompt ends right after its colon (see `split_implicit`).
@@ -59,29 +57,6 @@ _WHITESPACE = re.compile(r"\s+")
 _NUMBER = re.compile(r"-?[0-9][0-9.eE+-]*")
 
 
-class Reason(StrEnum):
-    """Why a record was skipped. Every skipped record is counted under exactly one reason."""
-
-    INVALID_JSON = "invalid_json"
-    NOT_A_JSON_ARRAY = "not_a_json_array"
-    NOT_AN_OBJECT = "not_an_object"
-    MISSING_FIELD = "missing_field"
-    WRONG_TYPE = "wrong_type"
-    EMPTY_PROMPT = "empty_prompt"
-    EMPTY_RESPONSE = "empty_response"
-    CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"
-    NO_SHARED_PROMPT = "no_shared_prompt"
-    MIXED_SHAPES = "mixed_shapes"
-    UNDECODABLE_BYTES = "undecodable_bytes"
-    IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
-    INVALID_UNICODE = "invalid_unicode"
-    TEMPLATE_ERROR = "template_error"
-    TOKENIZER_ERROR = "tokenizer_error"
-    TOO_FEW_RESPONSES = "too_few_responses"  # a ranked record with fewer than two answers
-    ALL_TIED = "all_tied"  # a ranked record whose answers all have one score
-    BAD_SCORE = "bad_score"  # a ranked record's score missing, not a number, NaN or infinite
-
-
 class InputError(Exception):
     """A problem with the inputs as a whole (unreadable file, no input file, nothing usable): stop."""
 
@@ -92,13 +67,6 @@ class BadRecordError(Exception):
     def __init__(self, bad: BadRecord) -> None:
         super().__init__(f"{bad.location}: {bad.reason}: {bad.detail}")
         self.bad = bad
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    location: str
-    reason: Reason
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -435,8 +403,6 @@ def normalise(
     if target == "ranked":
         if detected != "ranked":  # forced --format ranked on a pairwise record
             return BadRecord(location, Reason.MISSING_FIELD, "no 'responses' or 'completions'")
-        from data_prep.ranked import normalise_ranked  # it builds on this module's BadRecord and messages_of
-
         return _valid_unicode(normalise_ranked(value, location, index=index, score_field=score_field))
     if target == "conversational":
         return _valid_unicode(_conversational(value, location, index))
@@ -470,9 +436,7 @@ def _valid_unicode(pair: PreferencePair | RankedRecord | BadRecord) -> Preferenc
     """A pair whose text holds a lone surrogate (from a "\\ud800" escape) cannot be encoded: a `BadRecord`."""
     if isinstance(pair, BadRecord):
         return pair
-    if not isinstance(pair, PreferencePair):  # a RankedRecord (data_prep.ranked)
-        from data_prep.ranked import has_surrogate
-
+    if isinstance(pair, RankedRecord):
         if has_surrogate(pair, _ANY_SURROGATE):
             return BadRecord(pair.location, Reason.INVALID_UNICODE, "a lone surrogate escape (\\ud800-\\udfff)")
         return pair
@@ -510,24 +474,6 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
         spaces = list(_WHITESPACE.finditer(chosen, 0, shared))
         cut = spaces[-1].start() if spaces and spaces[-1].start() > 0 else shared
     return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def messages_of(value: object, key: str, location: str) -> list[Message] | BadRecord:
-    if not isinstance(value, list):
-        return BadRecord(
-            location, Reason.WRONG_TYPE, f"{key!r} is a {type(value).__name__}, not a message list"
-        )
-    messages: list[Message] = []
-    for number, message in enumerate(value):
-        if not isinstance(message, dict):
-            return BadRecord(location, Reason.WRONG_TYPE, f"{key}[{number}] is not an object")
-        for part in ("role", "content"):
-            if part not in message:
-                return BadRecord(location, Reason.MISSING_FIELD, f"{key}[{number}] has no {part!r}")
-            if not isinstance(message[part], str):
-                return BadRecord(location, Reason.WRONG_TYPE, f"{key}[{number}].{part} is not a string")
-        messages.append({"role": message["role"], "content": message["content"]})
-    return messages
 
 
 def _conversational(value: dict, location: str, index: int) -> PreferencePair | BadRecord:

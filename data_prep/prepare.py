@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 from tqdm import tqdm
 
 from data_prep.formats import (
@@ -53,7 +53,7 @@ from data_prep.formats import (
     SkipLog,
 )
 from data_prep.outputs import OutputError, check_not_overlapping, check_output
-from data_prep.ranked import RANKED_COLUMNS, TokenizedRanked, answer_counts, as_ranked, ranked_dataset
+from data_prep.ranked import RANKED_COLUMNS, TokenizedRanked, answer_counts, as_ranked
 from data_prep.sources import EVAL_SPLITS, ColumnMap, holds_splits, read_sources
 from data_prep.tokenize import PairTokenizer, TokenizedPair
 from data_prep.tokenizer_source import load_tokenizer
@@ -237,6 +237,17 @@ def to_dataset(pairs: list[TokenizedPair], *, ranked: bool = False) -> Dataset:
         "source_index": [pair.index for pair in pairs],
     }
     return Dataset.from_dict(columns, features=PREP_FEATURES)
+
+
+def ranked_dataset(records: list[TokenizedRanked]) -> Dataset:
+    """A ranked split: data_prep's pairwise columns (best and worst answer) plus `responses_ids` and `scores`."""
+    features = Features({**PREP_FEATURES, "responses_ids": List(List(Value("int32"))),
+                         "scores": List(Value("float64"))})
+    return Dataset.from_dict({
+        "prompt_ids": [r.prompt_ids for r in records], "chosen_ids": [r.chosen_ids for r in records],
+        "rejected_ids": [r.rejected_ids for r in records], "source_index": [r.index for r in records],
+        "responses_ids": [r.responses_ids for r in records], "scores": [r.scores for r in records]},
+        features=features)
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:

@@ -21,9 +21,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.formats import ANSWER_KEYS, BadRecord, Message, Reason, messages_of
+from data_prep.records import BadRecord, Message, Reason, messages_of
 
 DEFAULT_SCORE_FIELD = "overall_score"
+ANSWER_KEYS = ("responses", "completions")  # a record with one of these and no "chosen" has k answers
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def normalise_ranked(value: dict, location: str, *, index: int, score_field: str
         return BadRecord(location, Reason.EMPTY_RESPONSE, f"responses[{empty[0]}] is empty")
     if len(set(scores)) == 1:
         return BadRecord(location, Reason.ALL_TIED, f"all {len(scores)} answers scored {scores[0]}")
-    clash = _identical_with_other_scores(answers, scores)
+    clash = identical_with_other_scores(answers, scores)
     if clash:
         return BadRecord(location, Reason.CHOSEN_EQUALS_REJECTED, clash)
     tools = value.get("tools") if conversational else None
@@ -136,7 +137,7 @@ def normalise_ranked(value: dict, location: str, *, index: int, score_field: str
                         index, tools if isinstance(tools, list) else None)
 
 
-def _identical_with_other_scores(answers: list, scores: list[float]) -> str | None:
+def identical_with_other_scores(answers: list, scores: list[float]) -> str | None:
     seen: dict[str, float] = {}
     for number, (answer, score) in enumerate(zip(answers, scores)):
         key = repr(answer)
@@ -189,52 +190,6 @@ class TokenizedRanked:
         return self.responses_ids[best_and_worst(self.scores)[1]]
 
 
-def _render(pair_tokenizer: Any, record: RankedRecord) -> list[str]:
-    """[prompt text, prompt + answer 1 text, ...], as `PairTokenizer.render` renders a pair."""
-    if isinstance(record.prompt, str):
-        return [record.prompt] + [record.prompt + answer for answer in record.responses]  # type: ignore[operator]
-    prompt_text = pair_tokenizer.tokenizer.apply_chat_template(record.prompt, tools=record.tools, tokenize=False,
-                                                               add_generation_prompt=True)
-    return [prompt_text] + [pair_tokenizer._render_full(record.prompt + answer, record.tools)  # type: ignore
-                            for answer in record.responses]
-
-
-def tokenize_ranked(pair_tokenizer: Any, record: RankedRecord) -> TokenizedRanked | BadRecord:
-    """One ranked record through a `data_prep.tokenize.PairTokenizer`'s template, encoder, BOS/EOS/boundary rules
-    and truncation (each answer cut alike), or the BadRecord saying why it was dropped."""
-    from data_prep.tokenize import _one_line, assemble_answers, truncate_answers
-
-    try:
-        texts = _render(pair_tokenizer, record)
-    except MemoryError:
-        raise
-    except Exception as error:  # the template's raise_exception and any other
-        return BadRecord(record.location, Reason.TEMPLATE_ERROR, _one_line(error))
-    try:
-        encoded = pair_tokenizer.encode(texts)
-    except MemoryError:
-        raise
-    except Exception as error:
-        return BadRecord(record.location, Reason.TOKENIZER_ERROR, _one_line(error))
-    special = pair_tokenizer.special
-    prompt_ids, answers, adjusted = assemble_answers(encoded[0], encoded[1:], special)
-    if not prompt_ids:
-        return BadRecord(record.location, Reason.EMPTY_PROMPT, "no prompt token before the response")
-    if any(len(ids) == 1 for ids in answers):
-        return BadRecord(record.location, Reason.EMPTY_RESPONSE, "a response has no token besides EOS")
-    clash = _identical_with_other_scores(answers, record.scores)
-    if clash:
-        return BadRecord(record.location, Reason.CHOSEN_EQUALS_REJECTED, f"identical token ids: {clash}")
-    prompt_ids, answers, truncated = truncate_answers(
-        prompt_ids, answers, max_length=pair_tokenizer.max_length, max_prompt_length=pair_tokenizer.max_prompt_length,
-        keep_first=special.bos_id is not None and prompt_ids[0] == special.bos_id)
-    clash = _identical_with_other_scores(answers, record.scores)
-    if clash:
-        return BadRecord(record.location, Reason.IDENTICAL_AFTER_TRUNCATION, clash)
-    return TokenizedRanked(prompt_ids, answers, list(record.scores), record.index, record.location, adjusted,
-                           truncated)
-
-
 def as_ranked(pair: Any) -> TokenizedRanked:
     """A tokenized pair as a ranked record of two answers scored [1, 0] (a split that mixes both is ranked)."""
     if isinstance(pair, TokenizedRanked):
@@ -244,21 +199,6 @@ def as_ranked(pair: Any) -> TokenizedRanked:
 
 
 RANKED_COLUMNS = ("responses_ids", "scores")
-
-
-def ranked_dataset(records: list[TokenizedRanked]) -> Any:
-    """A ranked split: data_prep's pairwise columns (best and worst answer) plus `responses_ids` and `scores`."""
-    import datasets
-
-    from dpo.contract import PREP_FEATURES
-
-    features = datasets.Features({**PREP_FEATURES, "responses_ids": datasets.List(datasets.List(datasets.Value(
-        "int32"))), "scores": datasets.List(datasets.Value("float64"))})
-    return datasets.Dataset.from_dict({
-        "prompt_ids": [r.prompt_ids for r in records], "chosen_ids": [r.chosen_ids for r in records],
-        "rejected_ids": [r.rejected_ids for r in records], "source_index": [r.index for r in records],
-        "responses_ids": [r.responses_ids for r in records], "scores": [r.scores for r in records]},
-        features=features)
 
 
 def answer_counts(records: list[TokenizedRanked]) -> dict[str, int]:

@@ -43,6 +43,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data_prep.fastpath import FastTripleEncoder
 from data_prep.formats import BadRecord, InputError, PreferencePair, Reason
+from data_prep.ranked import RankedRecord, TokenizedRanked, identical_with_other_scores
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,12 @@ class PairTokenizer:
         ids = self.encode([text for texts in rendered for text in texts])
         return [(ids[3 * number], ids[3 * number + 1], ids[3 * number + 2]) for number in range(len(rendered))]
 
-    def __call__(self, pairs: list[PreferencePair]) -> list[TokenizedPair | BadRecord]:
-        if any(not isinstance(pair, PreferencePair) for pair in pairs):  # k-answer records: data_prep.ranked
-            from data_prep.ranked import tokenize_ranked
-
-            pairwise = [pair for pair in pairs if isinstance(pair, PreferencePair)]
+    def __call__(self, pairs: list[PreferencePair | RankedRecord]
+                 ) -> list[TokenizedPair | TokenizedRanked | BadRecord]:
+        if any(isinstance(pair, RankedRecord) for pair in pairs):  # k-answer records (data_prep.ranked), one by one
+            pairwise = [pair for pair in pairs if not isinstance(pair, RankedRecord)]
             plain = iter(self(pairwise) if pairwise else [])
-            return [next(plain) if isinstance(pair, PreferencePair) else tokenize_ranked(self, pair)
-                    for pair in pairs]
+            return [self.ranked(pair) if isinstance(pair, RankedRecord) else next(plain) for pair in pairs]
         rendered = [self._render_or_bad(pair) for pair in pairs]
         todo = [number for number, texts in enumerate(rendered) if not isinstance(texts, BadRecord)]
         triples: list[tuple[str, str, str]] = [rendered[number] for number in todo]  # type: ignore[misc]
@@ -291,3 +290,45 @@ class PairTokenizer:
         return TokenizedPair(
             prompt_ids, chosen_ids, rejected_ids, pair.index, pair.location, adjusted, truncated
         )
+
+    def render_ranked(self, record: RankedRecord) -> list[str]:
+        """[prompt text, prompt + answer 1 text, ...], as `render` renders a pair."""
+        if isinstance(record.prompt, str):
+            return [record.prompt] + [record.prompt + answer for answer in record.responses]  # type: ignore[operator]
+        prompt_text = self.tokenizer.apply_chat_template(record.prompt, tools=record.tools, tokenize=False,
+                                                         add_generation_prompt=True)
+        return [prompt_text] + [self._render_full(record.prompt + answer, record.tools)  # type: ignore[operator]
+                                for answer in record.responses]
+
+    def ranked(self, record: RankedRecord) -> TokenizedRanked | BadRecord:
+        """One k-answer record through the same template, encoder, BOS/EOS/boundary rules and truncation as a pair
+        (each answer cut alike), or the BadRecord saying why it was dropped."""
+        try:
+            texts = self.render_ranked(record)
+        except (InputError, MemoryError):
+            raise
+        except Exception as error:  # the template's raise_exception and any other
+            return BadRecord(record.location, Reason.TEMPLATE_ERROR, _one_line(error))
+        try:
+            encoded = self.encode(texts)
+        except MemoryError:
+            raise
+        except Exception as error:
+            return BadRecord(record.location, Reason.TOKENIZER_ERROR, _one_line(error))
+        special = self.special
+        prompt_ids, answers, adjusted = assemble_answers(encoded[0], encoded[1:], special)
+        if not prompt_ids:
+            return BadRecord(record.location, Reason.EMPTY_PROMPT, "no prompt token before the response")
+        if any(len(ids) == 1 for ids in answers):
+            return BadRecord(record.location, Reason.EMPTY_RESPONSE, "a response has no token besides EOS")
+        clash = identical_with_other_scores(answers, record.scores)
+        if clash:
+            return BadRecord(record.location, Reason.CHOSEN_EQUALS_REJECTED, f"identical token ids: {clash}")
+        prompt_ids, answers, truncated = truncate_answers(
+            prompt_ids, answers, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+            keep_first=special.bos_id is not None and prompt_ids[0] == special.bos_id)
+        clash = identical_with_other_scores(answers, record.scores)
+        if clash:
+            return BadRecord(record.location, Reason.IDENTICAL_AFTER_TRUNCATION, clash)
+        return TokenizedRanked(prompt_ids, answers, list(record.scores), record.index, record.location, adjusted,
+                               truncated)
