@@ -15,11 +15,13 @@ attend both ways, or pick keys by top-k over blocks that padding fills). A table
 `choose_layout` probes the real model once, before training (`LayoutProbe`): one pair as long as the data's longest
 prompt + answer (whatever the config reader found: a window under a field it does not read still bites within the
 data's lengths) and short pairs in rows that hold several sequences, one no-grad forward per layout, per-sequence
-log-probs compared with each sequence run alone. For a model that trains, train mode is checked too: several
-train-mode forwards of one batch must agree and equal eval mode (`dpo.models.disable_dropout` switches off the
-randomness it can), or the model is refused unless the user allows it. The fastest candidate within tolerance is
-used; the default falls back and says why (down to one sequence per forward), an explicit request that cannot be
-honoured is refused (`LayoutError`).
+log-probs compared with each sequence run alone. A model that picks keys by a top-k among the row's positions
+gets one sequence per forward whatever the probe's pairs show (`dpo.selection`: no finite probe clears it). For a
+model that trains, train mode is checked too: several train-mode forwards of one batch must agree and equal eval
+mode (`dpo.models.disable_dropout` switches off the randomness it can), or the model is refused unless the user
+allows it, and each candidate also runs in train mode against the eval-mode single sequences. The fastest
+candidate within tolerance is used; the default falls back and says why (down to one sequence per forward), an
+explicit request that cannot be honoured is refused (`LayoutError`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dpo.logprobs import SequenceLogps, sequence_logps
 from dpo.masks import AttentionSpec, attention_spec
 from dpo.prefix_sharing import collate_prefix_shared
 from dpo.ranked_batch import longest_ranked_sequence
+from dpo.selection import SelectionWatch
 
 # Per-sequence tolerance of a probe, |layout - padded| <= abs + rel * |padded| nats. In fp32 the layouts agree to
 # ~1e-6 (summation order only). In 16-bit arithmetic two exact layouts differ by rounding (~0.01-0.05 nats per
@@ -204,10 +207,15 @@ class ProbeResult:
     exact: bool  # every sequence within its tolerance, in eval mode and (for a model that trains) in train mode
     error: str | None = None
     train_difference: float | None = None  # the same in train mode (None: not checked)
+    row_selection: str | None = None  # where the model picks keys by top-k among the row's positions (dpo.selection)
 
     def describe(self) -> str:
         if self.error is not None:
             return f"{self.model_class} fails on it ({self.error})"
+        if self.row_selection is not None:
+            return (f"{self.model_class} picks keys by top-k among the positions of the row ({self.row_selection}): "
+                    f"padding and packing change the candidates and how ties fall, which no finite probe rules out "
+                    f"(on the probe's pairs {self.max_difference:.3g} nats away from single sequences')")
         if self.train_difference is not None and self.max_difference <= self.tolerance:
             return (f"{self.model_class} in train mode gives log-probs {self.train_difference:.3g} nats away from "
                     f"single sequences' (tolerance {self.tolerance:.2g})")
@@ -303,33 +311,39 @@ class LayoutProbe:
         self.pairs = probe_pairs(int(getattr(text, "vocab_size", None) or 32), length, max_positions=max_positions,
                                  avoid=[pad_token_id])
         single = self.run_of(SINGLE)
+        watch = SelectionWatch()  # top-k calls of the single forwards: a selection among the row's positions
+        noise = 0.0
         with _mode(model, training=False):
-            self.reference, self.lengths = self._gather(single, self.GROUPS)
-            noise = 0.0
+            with watch:
+                self.reference, self.lengths = self._gather(single, self.GROUPS)
             if not precise:  # the same pairs in other batches and orders: the rounding noise of this model
                 padded = self.run_of(PADDED)
                 first, _ = self._gather(padded, [self.SHORT])
                 second, _ = self._gather(padded, [[4, 1], [3, 2]])
                 noise = reduce_max(float((first - second)[self._short].abs().max()))
+        sites = watch.row_dependent()  # every process decides alike
+        self.row_selections = sites or (["on another process"] if reduce_max(float(bool(sites))) > 0 else [])
         self.tolerance = _tolerances(self.reference, self.lengths, precise=precise, noise=noise)
         self.train_check: TrainCheck | None = None
         if train:
-            self.train_check = self._check_train_mode(single)
+            self.train_check = self._check_train_mode()
 
-    def _check_train_mode(self, single: Run) -> TrainCheck:
-        """Train-mode single sequences against eval mode, and TRAIN_REPEATS train-mode forwards of one batch against
-        each other: randomness that moves only some tokens (a router sampling experts flips a choice now and then)
-        shows in one of several forwards sooner than in two."""
-        short = self._short
+    def _check_train_mode(self) -> TrainCheck:
+        """TRAIN_REPEATS train-mode forwards of one padded batch against each other and against the eval-mode
+        forward of the same batch: randomness that moves only some tokens (a router sampling experts flips a
+        choice now and then) shows in one of several forwards sooner than in two. The same layout on both sides,
+        so the check says nothing of padding; whether a layout is exact in train mode is `compare`'s question,
+        against the eval-mode single sequences (what a run's log-probs must equal)."""
+        padded, batch = self.run_of(PADDED), [self.SHORT[:2]]
+        with _mode(self.model, training=False):
+            eval_values, _ = self._gather(padded, batch)
         with _mode(self.model, training=True):
-            self.train_reference, _ = self._gather(single, [self.SHORT])
-            padded = self.run_of(PADDED)
-            repeats = [self._gather(padded, [self.SHORT[:2]])[0] for _ in range(TRAIN_REPEATS)]
+            repeats = [self._gather(padded, batch)[0] for _ in range(TRAIN_REPEATS)]
         two = torch.tensor(self.SHORT[:2] + [len(self.pairs) + i for i in self.SHORT[:2]])
         random = max(float((r - repeats[0])[two].abs().max()) for r in repeats[1:])
-        return TrainCheck(random=self.reduce_max(random),
-                          off_eval=self.reduce_max(float((self.train_reference - self.reference)[short].abs().max())),
-                          tolerance=float(self.tolerance[short].max()))
+        off_eval = float((repeats[0] - eval_values)[two].abs().max())
+        return TrainCheck(random=self.reduce_max(random), off_eval=self.reduce_max(off_eval),
+                          tolerance=float(self.tolerance[two].max()))
 
     @property
     def _short(self) -> torch.Tensor:
@@ -362,10 +376,10 @@ class LayoutProbe:
                 values, _ = self._gather(run, self.GROUPS)
             difference, excess = self._distance(values, self.reference, slice(None))
             check = self.train_check
-            if check is not None and check.random <= check.tolerance and excess <= 0:
+            if check is not None and check.deterministic and excess <= 0:
                 with _mode(self.model, training=True):
                     values, _ = self._gather(run, [self.SHORT])
-                train_difference, train_excess = self._distance(values, self.train_reference, self._short)
+                train_difference, train_excess = self._distance(values, self.reference, self._short)
                 excess = max(excess, train_excess)
         except Exception as exc:  # a model that cannot take the layout's inputs at all
             first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
@@ -385,7 +399,10 @@ class LayoutProbe:
         if layout == SINGLE:  # the reference itself
             return ProbeResult(layout=SINGLE, model_class=self.model_class, max_difference=0.0,
                                tolerance=float(self.tolerance.max()), exact=True)
-        return self.compare(layout, self.run_of(layout))
+        result = self.compare(layout, self.run_of(layout))
+        if self.row_selections and result.error is None:  # measured all the same, for the message
+            result.exact, result.row_selection = False, ", ".join(self.row_selections)
+        return result
 
 
 @torch.no_grad()
@@ -407,6 +424,24 @@ def probe_layouts(model: torch.nn.Module, spec: AttentionSpec, candidates: Seque
         if stop_at_first and results[-1].exact:
             break
     return results
+
+
+def same_forward(model: torch.nn.Module, other: torch.nn.Module) -> bool:
+    """Whether two models compute the same eval-mode function: same class, config, attention implementation, and
+    equal parameters and buffers (names, dtypes, devices, values). A ZeRO-3 partition holds a placeholder, not the
+    values: never the same then (each is probed)."""
+    first, second = _unwrap(model), _unwrap(other)
+    if first is second:
+        return True
+    if type(first) is not type(second) or implementation_of(first) != implementation_of(second):
+        return False
+    if first.config.to_dict() != second.config.to_dict():
+        return False
+    mine, theirs = ({**dict(m.named_parameters()), **dict(m.named_buffers())} for m in (first, second))
+    if mine.keys() != theirs.keys() or any(hasattr(t, "ds_numel") for t in (*mine.values(), *theirs.values())):
+        return False
+    return all(p.dtype == theirs[n].dtype and p.device == theirs[n].device and torch.equal(p, theirs[n])
+               for n, p in mine.items())
 
 
 def _config_of(model: torch.nn.Module) -> Any:
@@ -477,9 +512,16 @@ def choose_layout(models: Sequence[torch.nn.Module], *, layout: str, prefix_shar
             remaining.remove(candidate)
     chosen: Layout | None = None
     with torch.no_grad():
+        # A frozen reference that is the policy's twin (same code, weights, dtype, device) computes the policy's
+        # eval-mode forward, which the policy's probe checks anyway: probing it again would double the cost.
+        probed = []
+        for i, model in enumerate(models):
+            novel = not any(same_forward(model, earlier) for earlier in models[:i])
+            if reduce_max(float(novel)) > 0:  # every process decides alike
+                probed.append(model)
         probes = [LayoutProbe(model, spec, pad_token_id=pad_token_id, max_tokens_per_row=max_tokens_per_row,
                               precise=precise, longest=longest, reduce_max=reduce_max, device=device,
-                              train=model.training) for model in models]
+                              train=model.training) for model in probed]
         notes = _train_notes(probes, allow=allow_nondeterministic_train)
         for candidate in remaining:
             failures = [r.describe() for r in (p.check(candidate) for p in probes) if not r.exact]
