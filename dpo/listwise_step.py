@@ -20,7 +20,7 @@ import torch
 
 from dpo.errors import UserError
 from dpo.layouts import LayoutChoice, make_collate
-from dpo.listwise import listwise_loss, ranking_values
+from dpo.listwise import PAIRWISE_LISTWISE, listwise_loss, ranking_values
 from dpo.logprobs import sequence_logps
 from dpo.losses import wants_mean_logps
 from dpo.ranked_batch import RankedBatch, make_ranked_collate, max_answers
@@ -52,6 +52,16 @@ def check_ranked_run(cfg: Any) -> None:
     if cfg.ld_alpha is not None:
         raise UserError("ld_alpha (LD-DPO) cuts both answers of a pair at the shorter one's length; it is not defined "
                         "for listwise objectives: drop it or use pairwise data without listwise_loss")
+
+
+def ranked_summary(cfg: Any, *splits: datasets.Dataset | None) -> str:
+    """The log line of a ranked run: its objective and the data's answers per prompt ("pairs" in the other lines
+    count prompts)."""
+    num_answers = max(max_answers(d) for d in splits if d is not None)
+    pairwise = "" if listwise_name(cfg) not in PAIRWISE_LISTWISE else f" of loss_type {cfg.loss_type}"
+    default = " (the default on ranked data)" if cfg.listwise_loss is None else ""
+    return (f"[dpo] ranked data: up to {num_answers} scored answers per prompt (a 'pair' in these lines is a prompt "
+            f"with its answers); listwise_loss {listwise_name(cfg)}{pairwise}{default}")
 
 
 def make_run_collate(choice: LayoutChoice, cfg: Any, *, pad_token_id: int,

@@ -43,6 +43,7 @@ from dpo.listwise_step import (
     make_run_collate,
     ranked_forward_and_loss,
     ranked_layout,
+    ranked_summary,
 )
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
@@ -249,6 +250,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
     eval_ds = eval_ds if cfg.do_eval else None  # checked with the rest of the data, not evaluated
     if is_ranked(cfg, train_ds, eval_ds):  # k scored answers per prompt: one record is one prompt
         check_ranked_run(cfg)
+        log(ranked_summary(cfg, train_ds, eval_ds))
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     world = accelerator.num_processes

@@ -129,7 +129,9 @@ def test_step_one_loss_equals_the_float64_oracle(inputs, tmp_path, capsys, name)
     """One step over all 8 training prompts (4, 3 or 2 answers each) in the fastest exact layout (k branches per
     prompt): the logged step-1 loss is the untrained policy's mean objective over them."""
     records = run(inputs, tmp_path, "--listwise_loss", name, "--max_steps", "1", "--do_eval", "false")
-    assert "[dpo] layout: packed with prefix sharing" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[dpo] layout: packed with prefix sharing" in out
+    assert "[dpo] ranked data: up to 4 scored answers per prompt" in out and f"listwise_loss {name}" in out
     step = next(r for r in records if r["split"] == "train")
     expected = sum(oracle_loss(name, h, s) for h, s in oracle(inputs, "train")) / 8
     assert step["loss"] == pytest.approx(expected, rel=1e-5)
