@@ -262,3 +262,19 @@ def test_zero3_on_two_processes_reproduces_one_process(inputs, tmp_path):
     other = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for name, value in base.items():
         torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_precompute_on_two_processes_stores_every_answer_once(inputs, tmp_path):
+    """Two processes each compute a slice of the records (k = 2..4 answers, NaN past a record's own k in the
+    gathered rows); the stored values equal one process's."""
+    one, two = (str(shutil.copytree(inputs["data"], tmp_path / name)) for name in ("one", "two"))
+    flags = ["--model_path", inputs["model"], "--ref_model_path", inputs["ref"], "--batch_size", "2"]
+    assert precompute_main([*flags, "--data_path", one]) == 0
+    run_launch(launch_cmd("ddp", [*flags, "--data_path", two], num_processes=2, port=free_port(),
+                          module="dpo.precompute_ref"))
+    for split in ("train", "eval"):
+        a, b = (datasets.load_from_disk(f"{d}/{split}") for d in (one, two))
+        assert [len(v) for v in a["ref_logps"]] == [len(r) for r in a["responses_ids"]]
+        for x, y in zip(a["ref_logps"], b["ref_logps"]):
+            assert y == pytest.approx(x, rel=1e-5, abs=1e-5)
