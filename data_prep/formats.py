@@ -34,15 +34,17 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
 from data_prep.outputs import written_by_data_prep
+from data_prep.ranked import ANSWER_KEYS, RankedRecord, has_surrogate, normalise_ranked
+from data_prep.records import BadRecord, Message, Reason, messages_of
 
-Shape = Literal["explicit", "implicit", "conversational"]
-SHAPES: tuple[Shape, ...] = ("explicit", "implicit", "conversational")
-Message = dict[str, str]
+__all__ = ["ANSWER_KEYS", "BadRecord", "Message", "Reason", "RankedRecord", "messages_of"]  # shared with ranked
+
+Shape = Literal["explicit", "implicit", "conversational", "ranked"]
+SHAPES: tuple[Shape, ...] = ("explicit", "implicit", "conversational", "ranked")
 INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
 # The Anthropic HH assistant marker. The implicit prompt ends right after its colon (see `split_implicit`).
@@ -55,26 +57,6 @@ _WHITESPACE = re.compile(r"\s+")
 _NUMBER = re.compile(r"-?[0-9][0-9.eE+-]*")
 
 
-class Reason(StrEnum):
-    """Why a record was skipped. Every skipped record is counted under exactly one reason."""
-
-    INVALID_JSON = "invalid_json"
-    NOT_A_JSON_ARRAY = "not_a_json_array"
-    NOT_AN_OBJECT = "not_an_object"
-    MISSING_FIELD = "missing_field"
-    WRONG_TYPE = "wrong_type"
-    EMPTY_PROMPT = "empty_prompt"
-    EMPTY_RESPONSE = "empty_response"
-    CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"
-    NO_SHARED_PROMPT = "no_shared_prompt"
-    MIXED_SHAPES = "mixed_shapes"
-    UNDECODABLE_BYTES = "undecodable_bytes"
-    IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
-    INVALID_UNICODE = "invalid_unicode"
-    TEMPLATE_ERROR = "template_error"
-    TOKENIZER_ERROR = "tokenizer_error"
-
-
 class InputError(Exception):
     """A problem with the inputs as a whole (unreadable file, no input file, nothing usable): stop."""
 
@@ -85,13 +67,6 @@ class BadRecordError(Exception):
     def __init__(self, bad: BadRecord) -> None:
         super().__init__(f"{bad.location}: {bad.reason}: {bad.detail}")
         self.bad = bad
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    location: str
-    reason: Reason
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -134,7 +109,7 @@ class SkipLog:
 
 @dataclass
 class ReadResult:
-    pairs: list[PreferencePair]
+    pairs: list[PreferencePair | RankedRecord]  # RankedRecord: k scored answers (data_prep.ranked)
     records_read: int
     formats: dict[str, str]  # file -> detected (or forced) shape, "unknown" when no record had a usable shape
     skipped_folders: list[str] = field(default_factory=list)  # data_prep outputs found inside input folders
@@ -189,9 +164,12 @@ def read_inputs(paths: list[str], *, shape: Shape | None, skips: SkipLog) -> Rea
 
 
 def read_records(
-    sources: Iterable[tuple[str, Iterable[tuple[str, object]]]], *, shape: Shape | None, skips: SkipLog
+    sources: Iterable[tuple[str, Iterable[tuple[str, object]]]], *, shape: Shape | None, skips: SkipLog,
+    score_field: str = "overall_score",
 ) -> ReadResult:
-    """Normalise the ("file:line", value) records of each named source (a file, or a table: `data_prep.sources`)."""
+    """Normalise the ("file:line", value) records of each named source (a file, or a table: `data_prep.sources`).
+    `score_field`: the key of UltraFeedback completions' scores (`data_prep.ranked`)."""
+    options = {"score_field": score_field}
     result = ReadResult(pairs=[], records_read=0, formats={})
     for name, records in sources:
         file_shape = shape
@@ -205,33 +183,34 @@ def read_records(
                 skips.add(value)
                 continue
             if file_shape is None:
-                detected = _deciding_shape(value, location, index)
+                detected = _deciding_shape(value, location, index, **options)
                 if detected is None:
                     pending.append((value, location, index))
                     continue
                 file_shape = detected
                 for waiting in pending:
-                    _keep(normalise(*waiting[:2], shape=file_shape, index=waiting[2]), result, skips)
+                    _keep(normalise(*waiting[:2], shape=file_shape, index=waiting[2], **options), result, skips)
                 pending.clear()
-            _keep(normalise(value, location, shape=file_shape, index=index, forced=shape is not None), result, skips)
+            _keep(normalise(value, location, shape=file_shape, index=index, forced=shape is not None, **options),
+                  result, skips)
         kept_before = len(result.pairs)
         for waiting in pending:  # no record decided the source's shape: each is judged in its own shape
-            _keep(normalise(*waiting[:2], shape=None, index=waiting[2]), result, skips)
+            _keep(normalise(*waiting[:2], shape=None, index=waiting[2], **options), result, skips)
         if file_shape is None and len(result.pairs) > kept_before:
             file_shape = result.pairs[kept_before].shape
         result.formats[name] = file_shape or "unknown"
     return result
 
 
-def _deciding_shape(value: object, location: str, index: int) -> Shape | None:
+def _deciding_shape(value: object, location: str, index: int, **options: str) -> Shape | None:
     """The record's shape if the record is valid in it (so it may decide the file's shape), else None."""
     detected = detect_shape(value, location)
     if isinstance(detected, BadRecord):
         return None
     if detected == "implicit" and isinstance(value, dict) and "prompt" in value:
         return None  # `"prompt": null`: an explicit record without its prompt, or an implicit one; let others decide
-    pair = normalise(value, location, shape=detected, index=index)
-    return detected if isinstance(pair, PreferencePair) else None
+    pair = normalise(value, location, shape=detected, index=index, **options)
+    return detected if not isinstance(pair, BadRecord) else None
 
 
 def _keep(pair: PreferencePair | BadRecord, result: ReadResult, skips: SkipLog) -> None:
@@ -388,6 +367,8 @@ def detect_shape(value: object, location: str) -> Shape | BadRecord:
     """The shape a record has, from the types of `chosen`/`rejected` and the presence of `prompt`."""
     if not isinstance(value, dict):
         return BadRecord(location, Reason.NOT_AN_OBJECT, f"a JSON {type(value).__name__}, not an object")
+    if "chosen" not in value and any(key in value for key in ANSWER_KEYS):
+        return "ranked"
     missing = [key for key in ("chosen", "rejected") if key not in value]
     if missing:
         return BadRecord(location, Reason.MISSING_FIELD, f"no {missing[0]!r}")
@@ -405,8 +386,9 @@ def detect_shape(value: object, location: str) -> Shape | BadRecord:
 
 
 def normalise(
-    value: object, location: str, *, shape: Shape | None, index: int, forced: bool = False
-) -> PreferencePair | BadRecord:
+    value: object, location: str, *, shape: Shape | None, index: int, forced: bool = False,
+    score_field: str = "overall_score",
+) -> PreferencePair | RankedRecord | BadRecord:
     """Validate one parsed record against `shape` (None: its own shape) and split off its prompt."""
     detected = detect_shape(value, location)
     if isinstance(detected, BadRecord):
@@ -418,6 +400,10 @@ def normalise(
     if not forced and shape is not None and detected != shape:
         return BadRecord(location, Reason.MIXED_SHAPES, f"a {detected} record in a {shape} file")
     target: Shape = shape if shape is not None else detected  # type: ignore[assignment]
+    if target == "ranked":
+        if detected != "ranked":  # forced --format ranked on a pairwise record
+            return BadRecord(location, Reason.MISSING_FIELD, "no 'responses' or 'completions'")
+        return _valid_unicode(normalise_ranked(value, location, index=index, score_field=score_field))
     if target == "conversational":
         return _valid_unicode(_conversational(value, location, index))
     for key in ("prompt", "chosen", "rejected") if target == "explicit" else ("chosen", "rejected"):
@@ -446,9 +432,13 @@ def normalise(
     return _valid_unicode(PreferencePair(prompt, chosen, rejected, target, location, index))
 
 
-def _valid_unicode(pair: PreferencePair | BadRecord) -> PreferencePair | BadRecord:
+def _valid_unicode(pair: PreferencePair | RankedRecord | BadRecord) -> PreferencePair | RankedRecord | BadRecord:
     """A pair whose text holds a lone surrogate (from a "\\ud800" escape) cannot be encoded: a `BadRecord`."""
     if isinstance(pair, BadRecord):
+        return pair
+    if isinstance(pair, RankedRecord):
+        if has_surrogate(pair, _ANY_SURROGATE):
+            return BadRecord(pair.location, Reason.INVALID_UNICODE, "a lone surrogate escape (\\ud800-\\udfff)")
         return pair
     for part in (pair.prompt, pair.chosen, pair.rejected):
         texts = [part] if isinstance(part, str) else [text for message in part for text in message.values()]
@@ -486,24 +476,6 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _messages(value: object, key: str, location: str) -> list[Message] | BadRecord:
-    if not isinstance(value, list):
-        return BadRecord(
-            location, Reason.WRONG_TYPE, f"{key!r} is a {type(value).__name__}, not a message list"
-        )
-    messages: list[Message] = []
-    for number, message in enumerate(value):
-        if not isinstance(message, dict):
-            return BadRecord(location, Reason.WRONG_TYPE, f"{key}[{number}] is not an object")
-        for part in ("role", "content"):
-            if part not in message:
-                return BadRecord(location, Reason.MISSING_FIELD, f"{key}[{number}] has no {part!r}")
-            if not isinstance(message[part], str):
-                return BadRecord(location, Reason.WRONG_TYPE, f"{key}[{number}].{part} is not a string")
-        messages.append({"role": message["role"], "content": message["content"]})
-    return messages
-
-
 def _conversational(value: dict, location: str, index: int) -> PreferencePair | BadRecord:
     """Messages after the prompt are the responses.
 
@@ -514,7 +486,7 @@ def _conversational(value: dict, location: str, index: int) -> PreferencePair | 
     after that turn. Without one, the leading messages that `chosen` and `rejected` share are the prompt
     (MiniMind's dpo.jsonl).
     """
-    chosen, rejected = _messages(value["chosen"], "chosen", location), _messages(
+    chosen, rejected = messages_of(value["chosen"], "chosen", location), messages_of(
         value["rejected"], "rejected", location
     )
     if isinstance(chosen, BadRecord):
@@ -534,7 +506,7 @@ def _conversational(value: dict, location: str, index: int) -> PreferencePair | 
     else:
         if isinstance(raw_prompt, str):
             raw_prompt = [{"role": "user", "content": raw_prompt}]
-        prompt = _messages(raw_prompt, "prompt", location)
+        prompt = messages_of(raw_prompt, "prompt", location)
         if isinstance(prompt, BadRecord):
             return prompt
         if not prompt or not any(message["content"].strip() for message in prompt):

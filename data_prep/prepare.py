@@ -10,7 +10,9 @@ Records come from JSON/JSONL files, Parquet files and folders, `datasets` folder
 DIR afterwards holds
     train/, eval/       `datasets.save_to_disk` shards; columns prompt_ids, chosen_ids, rejected_ids (list<int32>,
                         responses without the prompt, each ending in one EOS) and source_index (int64, the
-                        record's number among the records read for that split)
+                        record's number among the records read for that split); data with k > 2 scored answers
+                        per prompt adds responses_ids (list<list<int32>>, input order) and scores (list<float64>),
+                        its pairwise columns holding the best and the worst answer (data_prep.ranked)
     tokenizer/          the tokenizer, `save_pretrained` (pad token set to EOS when it had none)
     prep_report.json    counts, skip reasons with `file:line` examples, token-length statistics, and the hashes
                         training verifies the data with (`dpo.contract`)
@@ -39,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 from tqdm import tqdm
 
 from data_prep.formats import (
@@ -51,6 +53,7 @@ from data_prep.formats import (
     SkipLog,
 )
 from data_prep.outputs import OutputError, check_not_overlapping, check_output
+from data_prep.ranked import RANKED_COLUMNS, TokenizedRanked, answer_counts, as_ranked
 from data_prep.sources import EVAL_SPLITS, ColumnMap, holds_splits, read_sources
 from data_prep.tokenize import PairTokenizer, TokenizedPair
 from data_prep.tokenizer_source import load_tokenizer
@@ -91,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_split", help="split of --eval_input folders/names (default: test, test_prefs, ...)")
     for field in ("prompt", "chosen", "rejected"):
         parser.add_argument(f"--{field}_column", help=f"column (or JSON key) read as {field} (default: {field})")
+    parser.add_argument("--score_field", default="overall_score",
+                        help="key of the score in UltraFeedback-style 'completions' (ranked records)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (or name) for AutoTokenizer")
     parser.add_argument("--output", required=True, type=Path, help="output directory, written atomically")
     parser.add_argument(
@@ -221,7 +226,10 @@ def split_eval(
     return train, evaluation
 
 
-def to_dataset(pairs: list[TokenizedPair]) -> Dataset:
+def to_dataset(pairs: list[TokenizedPair], *, ranked: bool = False) -> Dataset:
+    """A split's shards; `ranked`: with each record's answers and scores too (`data_prep.ranked`)."""
+    if ranked:
+        return ranked_dataset([as_ranked(pair) for pair in pairs])
     columns = {
         "prompt_ids": [pair.prompt_ids for pair in pairs],
         "chosen_ids": [pair.chosen_ids for pair in pairs],
@@ -229,6 +237,17 @@ def to_dataset(pairs: list[TokenizedPair]) -> Dataset:
         "source_index": [pair.index for pair in pairs],
     }
     return Dataset.from_dict(columns, features=PREP_FEATURES)
+
+
+def ranked_dataset(records: list[TokenizedRanked]) -> Dataset:
+    """A ranked split: data_prep's pairwise columns (best and worst answer) plus `responses_ids` and `scores`."""
+    features = Features({**PREP_FEATURES, "responses_ids": List(List(Value("int32"))),
+                         "scores": List(Value("float64"))})
+    return Dataset.from_dict({
+        "prompt_ids": [r.prompt_ids for r in records], "chosen_ids": [r.chosen_ids for r in records],
+        "rejected_ids": [r.rejected_ids for r in records], "source_index": [r.index for r in records],
+        "responses_ids": [r.responses_ids for r in records], "scores": [r.scores for r in records]},
+        features=features)
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:
@@ -305,11 +324,12 @@ def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
     columns = ColumnMap(args.prompt_column, args.chosen_column, args.rejected_column)
     skipped_folders: list[str] = []
     raw = {"train": _read_split(args.input, args.format, skips, formats, skipped_folders, split=args.input_split,
-                                columns=columns)}
+                                columns=columns, score_field=args.score_field)}
     if args.eval_input:
         raw["eval"] = _read_split(
             args.eval_input, args.format, skips, formats, skipped_folders,
             split=args.eval_split, default_splits=EVAL_SPLITS, columns=columns, desc="read eval",
+            score_field=args.score_field,
         )
     notes += [f"not read: {folder} (written by data_prep, not raw input)" for folder in skipped_folders]
     needs_template = any(pair.shape == "conversational" for pairs, _ in raw.values() for pair in pairs)
@@ -336,8 +356,11 @@ def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
         )
     if shared_prompts:
         notes.append(f"warning: {shared_prompts} of {len(splits['eval'])} eval pairs have a training prompt")
-    datasets = {name: to_dataset(pairs) for name, pairs in splits.items()}
-    written = [pair for pairs in splits.values() for pair in pairs]
+    # One record with k answers makes the data ranked: every split then carries answers and scores (a pair as
+    # two answers scored [1, 0]); data with pairs only is written exactly as before.
+    ranked = any(isinstance(pair, TokenizedRanked) for pairs in splits.values() for pair in pairs)
+    datasets = {name: to_dataset(pairs, ranked=ranked) for name, pairs in splits.items()}
+    written = [as_ranked(pair) if ranked else pair for pairs in splits.values() for pair in pairs]
     report = {
         "records_read": sum(count for _, count in raw.values()),
         "pairs_written": {"train": len(splits["train"]), "eval": len(splits.get("eval", []))},
@@ -359,19 +382,22 @@ def run(args: argparse.Namespace, notes: list[str] | None = None) -> dict:
         "token_lengths": {
             "prompt": length_stats([len(pair.prompt_ids) for pair in written]),
             "response": length_stats(
-                [len(ids) for pair in written for ids in (pair.chosen_ids, pair.rejected_ids)]
+                [len(ids) for pair in written
+                 for ids in (pair.responses_ids if ranked else (pair.chosen_ids, pair.rejected_ids))]
             ),
         },
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "prompt_starts_with_bos": pair_tokenizer.special.adds_bos,
-        "columns": [*TOKEN_COLUMNS, "source_index"],
+        "columns": [*TOKEN_COLUMNS, "source_index", *(RANKED_COLUMNS if ranked else ())],
         "inputs": {"train": args.input, "eval": args.eval_input or []},
         "split": {"eval_fraction": args.eval_fraction, "seed": args.seed},
         "eval_prompts_in_train": shared_prompts,
         "skipped_folders": skipped_folders,
     }
+    if ranked:
+        report["answers_per_prompt"] = answer_counts(written)
 
     def may_replace(output: Path) -> None:  # again at the rename: the folder may have changed meanwhile
         check_output(output, overwrite=args.overwrite)

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_prep.formats import (
+    ANSWER_KEYS,
     INPUT_SUFFIXES,
     InputError,
     ReadResult,
@@ -59,6 +60,8 @@ BATCH_ROWS = 1000
 TRAIN_SPLITS = ("train", "train_prefs")
 EVAL_SPLITS = ("test", "test_prefs", "validation")
 TOOLS_COLUMN = "tools"
+# The columns of a table of k-answer records (data_prep.ranked), read as they are named.
+RANKED_TABLE_COLUMNS = ("prompt", "instruction", "responses", "completions", "scores", "ranks", TOOLS_COLUMN)
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _Records = Iterator[tuple[str, object]]
 
@@ -105,6 +108,7 @@ def read_sources(
     default_splits: tuple[str, ...] = TRAIN_SPLITS,
     columns: ColumnMap = ColumnMap(),
     desc: str = "read",
+    score_field: str = "overall_score",
 ) -> ReadResult:
     """Every record of every input, in order, normalised by `formats.read_records`; bad ones go to `skips`.
 
@@ -121,7 +125,7 @@ def read_sources(
     table_rows = sum(source.rows or 0 for source in sources)
     with tqdm(total=table_rows, desc=desc, unit="row", disable=None if table_rows else True) as progress:
         streams = ((source.name, _counted(source, progress)) for source in sources)
-        result = read_records(streams, shape=shape, skips=skips)
+        result = read_records(streams, shape=shape, skips=skips, score_field=score_field)
     result.skipped_folders = [str(folder) for folder in skipped]
     return result
 
@@ -191,8 +195,16 @@ def choose_split(where: str, available: Iterable[str], split: str | None, defaul
 
 
 def _table_columns(where: str, schema_names: list[str], columns: ColumnMap) -> dict[str, str]:
-    """source column -> field name, for the columns to read; an error naming what the table has if one is missing."""
+    """source column -> field name, for the columns to read; an error naming what the table has if one is missing.
+    A table of k-answer records (`responses` or `completions`, no `chosen`: data_prep.ranked) reads its own
+    columns."""
     read: dict[str, str] = {}
+    if columns.chosen is None and "chosen" not in schema_names and any(k in schema_names for k in ANSWER_KEYS):
+        prompt = columns.prompt or "prompt"
+        read = {name: name for name in RANKED_TABLE_COLUMNS if name in schema_names and name != prompt}
+        if prompt in schema_names:
+            read[prompt] = "prompt"
+        return read
     for target, source in columns.pairs():
         if source in schema_names:
             read[source] = target

@@ -43,6 +43,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data_prep.fastpath import FastTripleEncoder
 from data_prep.formats import BadRecord, InputError, PreferencePair, Reason
+from data_prep.ranked import RankedRecord, TokenizedRanked, identical_with_other_scores
 
 
 @dataclass(frozen=True)
@@ -97,21 +98,26 @@ def assemble(
     """(prompt_ids, chosen_ids, rejected_ids, boundary_adjusted) from the encodings of prompt, prompt + chosen
     and prompt + rejected (no special tokens added), by the BOS, EOS and boundary rules of this module.
     """
+    prompt_ids, (chosen_ids, rejected_ids), adjusted = assemble_answers(
+        prompt_tokens, [chosen_tokens, rejected_tokens], special)
+    return prompt_ids, chosen_ids, rejected_ids, adjusted
+
+
+def assemble_answers(
+    prompt_tokens: list[int], full_tokens: list[list[int]], special: SpecialIds
+) -> tuple[list[int], list[list[int]], bool]:
+    """`assemble` for any number of answers: (prompt_ids, answer ids, boundary_adjusted) from the encodings of the
+    prompt and of prompt + each answer. The prompt is the part every encoding shares."""
     bos = special.bos_id
     starts_with_bos = bos is not None and prompt_tokens[:1] == [bos]
     if starts_with_bos:
-        prompt_tokens, chosen_tokens, rejected_tokens = (
-            _strip_leading(ids, bos) for ids in (prompt_tokens, chosen_tokens, rejected_tokens)
-        )
-    shared = min(
-        common_prefix_length(prompt_tokens, chosen_tokens),
-        common_prefix_length(prompt_tokens, rejected_tokens),
-    )
+        prompt_tokens = _strip_leading(prompt_tokens, bos)
+        full_tokens = [_strip_leading(ids, bos) for ids in full_tokens]
+    shared = min(common_prefix_length(prompt_tokens, ids) for ids in full_tokens)
     lead = [bos] if bos is not None and (special.adds_bos or starts_with_bos) else []
     prompt_ids = lead + prompt_tokens[:shared]
-    chosen_ids = _end_with_eos(chosen_tokens[shared:], special.eos_id)
-    rejected_ids = _end_with_eos(rejected_tokens[shared:], special.eos_id)
-    return prompt_ids, chosen_ids, rejected_ids, shared < len(prompt_tokens)
+    answers = [_end_with_eos(ids[shared:], special.eos_id) for ids in full_tokens]
+    return prompt_ids, answers, shared < len(prompt_tokens)
 
 
 def _strip_leading(ids: list[int], token: int) -> list[int]:
@@ -140,6 +146,16 @@ def truncate(
     """Prompt from the left to `max_prompt_length` (keeping its first token, BOS, when `keep_first`), then
     each response from the right to `max_length - len(prompt)`, its last kept token replaced by its EOS.
     """
+    prompt_ids, (chosen_ids, rejected_ids), truncated = truncate_answers(
+        prompt_ids, [chosen_ids, rejected_ids], max_length=max_length, max_prompt_length=max_prompt_length,
+        keep_first=keep_first)
+    return prompt_ids, chosen_ids, rejected_ids, truncated
+
+
+def truncate_answers(
+    prompt_ids: list[int], answers: list[list[int]], *, max_length: int, max_prompt_length: int, keep_first: bool
+) -> tuple[list[int], list[list[int]], bool]:
+    """`truncate` for any number of answers, each cut alike."""
     truncated = False
     if len(prompt_ids) > max_prompt_length:
         head = prompt_ids[:1] if keep_first else []
@@ -147,12 +163,12 @@ def truncate(
         truncated = True
     budget = max_length - len(prompt_ids)
     responses = []
-    for ids in (chosen_ids, rejected_ids):
+    for ids in answers:
         if len(ids) > budget:
             ids = ids[: budget - 1] + ids[-1:]
             truncated = True
         responses.append(ids)
-    return prompt_ids, responses[0], responses[1], truncated
+    return prompt_ids, responses, truncated
 
 
 class PairTokenizer:
@@ -210,7 +226,12 @@ class PairTokenizer:
         ids = self.encode([text for texts in rendered for text in texts])
         return [(ids[3 * number], ids[3 * number + 1], ids[3 * number + 2]) for number in range(len(rendered))]
 
-    def __call__(self, pairs: list[PreferencePair]) -> list[TokenizedPair | BadRecord]:
+    def __call__(self, pairs: list[PreferencePair | RankedRecord]
+                 ) -> list[TokenizedPair | TokenizedRanked | BadRecord]:
+        if any(isinstance(pair, RankedRecord) for pair in pairs):  # k-answer records (data_prep.ranked), one by one
+            pairwise = [pair for pair in pairs if not isinstance(pair, RankedRecord)]
+            plain = iter(self(pairwise) if pairwise else [])
+            return [self.ranked(pair) if isinstance(pair, RankedRecord) else next(plain) for pair in pairs]
         rendered = [self._render_or_bad(pair) for pair in pairs]
         todo = [number for number, texts in enumerate(rendered) if not isinstance(texts, BadRecord)]
         triples: list[tuple[str, str, str]] = [rendered[number] for number in todo]  # type: ignore[misc]
@@ -269,3 +290,45 @@ class PairTokenizer:
         return TokenizedPair(
             prompt_ids, chosen_ids, rejected_ids, pair.index, pair.location, adjusted, truncated
         )
+
+    def render_ranked(self, record: RankedRecord) -> list[str]:
+        """[prompt text, prompt + answer 1 text, ...], as `render` renders a pair."""
+        if isinstance(record.prompt, str):
+            return [record.prompt] + [record.prompt + answer for answer in record.responses]  # type: ignore[operator]
+        prompt_text = self.tokenizer.apply_chat_template(record.prompt, tools=record.tools, tokenize=False,
+                                                         add_generation_prompt=True)
+        return [prompt_text] + [self._render_full(record.prompt + answer, record.tools)  # type: ignore[operator]
+                                for answer in record.responses]
+
+    def ranked(self, record: RankedRecord) -> TokenizedRanked | BadRecord:
+        """One k-answer record through the same template, encoder, BOS/EOS/boundary rules and truncation as a pair
+        (each answer cut alike), or the BadRecord saying why it was dropped."""
+        try:
+            texts = self.render_ranked(record)
+        except (InputError, MemoryError):
+            raise
+        except Exception as error:  # the template's raise_exception and any other
+            return BadRecord(record.location, Reason.TEMPLATE_ERROR, _one_line(error))
+        try:
+            encoded = self.encode(texts)
+        except MemoryError:
+            raise
+        except Exception as error:
+            return BadRecord(record.location, Reason.TOKENIZER_ERROR, _one_line(error))
+        special = self.special
+        prompt_ids, answers, adjusted = assemble_answers(encoded[0], encoded[1:], special)
+        if not prompt_ids:
+            return BadRecord(record.location, Reason.EMPTY_PROMPT, "no prompt token before the response")
+        if any(len(ids) == 1 for ids in answers):
+            return BadRecord(record.location, Reason.EMPTY_RESPONSE, "a response has no token besides EOS")
+        clash = identical_with_other_scores(answers, record.scores)
+        if clash:
+            return BadRecord(record.location, Reason.CHOSEN_EQUALS_REJECTED, f"identical token ids: {clash}")
+        prompt_ids, answers, truncated = truncate_answers(
+            prompt_ids, answers, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+            keep_first=special.bos_id is not None and prompt_ids[0] == special.bos_id)
+        clash = identical_with_other_scores(answers, record.scores)
+        if clash:
+            return BadRecord(record.location, Reason.IDENTICAL_AFTER_TRUNCATION, clash)
+        return TokenizedRanked(prompt_ids, answers, list(record.scores), record.index, record.location, adjusted,
+                               truncated)

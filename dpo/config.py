@@ -23,6 +23,7 @@ import yaml
 from dpo import losses, preemption, trl_names
 from dpo.atomic import write_text_atomic
 from dpo.errors import UserError
+from dpo.listwise import LISTWISE_LOSSES
 from dpo.mixture import MixtureError, parse_mixture
 from dpo.trl_names import Translation
 
@@ -59,6 +60,7 @@ class TrainConfig:
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     rpo_alpha: float | None = None  # adds rpo_alpha * NLL(chosen) to any loss
     average_log_prob: bool = False  # False: summed response log-probs (DPO paper); True: per-token mean
+    listwise_loss: str | None = None  # k answers: all_pairs | best_vs_rest | plackett_luce | softmax_negatives
     # --- reference
     reference: str = "auto"  # auto | model | adapters_disabled | precomputed
     ref_model_path: str | None = None  # defaults to model_path
@@ -217,6 +219,13 @@ class TrainConfig:
         if self.ld_alpha is not None and (self.average_log_prob or losses.wants_mean_logps(self.loss_type)):
             raise ConfigError("ld_alpha: LD-DPO weights summed answer log-probs; it cannot be combined with "
                               "average_log_prob or a loss on per-token means (simpo)")
+        if self.listwise_loss is not None:
+            if self.listwise_loss not in LISTWISE_LOSSES:
+                raise ConfigError(f"listwise_loss: unknown {self.listwise_loss!r}; expected one of "
+                                  f"{', '.join(LISTWISE_LOSSES)}")
+            if self.use_weighting or self.ld_alpha is not None:
+                raise ConfigError("listwise_loss: use_weighting (WPO) and ld_alpha (LD-DPO) are defined for pairs "
+                                  "only (both weigh one answer against the other)")
         if self.ld_alpha is not None and self.reference == "precomputed":
             raise ConfigError("ld_alpha: precomputed reference log-probs are plain sums, not LD-DPO weighted; use "
                               "--reference model (or adapters_disabled with LoRA)")

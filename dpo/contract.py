@@ -52,7 +52,8 @@ TOKENIZER_DIR = "tokenizer"
 
 def split_sha256(dataset: datasets.Dataset) -> str:
     """sha256 of one split's token columns (row lengths and ids, as int64): independent of how the rows are
-    chunked into shards, of int32/int64 storage and of any other column (adding the reference columns keeps it)."""
+    chunked into shards, of int32/int64 storage and of any other column (adding the reference columns keeps it).
+    A ranked split's answers and scores are hashed too (a pairwise split's hash is what it always was)."""
     if dataset._indices is not None:  # a selected/shuffled view: hash what it shows
         dataset = dataset.flatten_indices()
     digest = hashlib.sha256(f"{len(dataset)}".encode())
@@ -63,6 +64,21 @@ def split_sha256(dataset: datasets.Dataset) -> str:
             lengths.update(np.diff(offsets).astype("<i8").tobytes())
             values.update(np.asarray(chunk.flatten(), dtype="<i8").tobytes())
         digest.update(f"{name}:{lengths.hexdigest()}:{values.hexdigest()}".encode())
+    if "responses_ids" in dataset.column_names:  # k answers per prompt: every answer and its score count too
+        digest.update(f"ranked:{_ranked_sha256(dataset)}".encode())
+    return digest.hexdigest()
+
+
+def _ranked_sha256(dataset: datasets.Dataset) -> str:
+    """sha256 of a ranked split's answers (answer counts, their lengths and ids, as int64) and scores (float64)."""
+    digest = hashlib.sha256()
+    for chunk in dataset.data.column("responses_ids").chunks:
+        answers = chunk.flatten()
+        digest.update(np.diff(np.asarray(chunk.offsets, dtype=np.int64)).astype("<i8").tobytes())
+        digest.update(np.diff(np.asarray(answers.offsets, dtype=np.int64)).astype("<i8").tobytes())
+        digest.update(np.asarray(answers.flatten(), dtype="<i8").tobytes())
+    for chunk in dataset.data.column("scores").chunks:
+        digest.update(np.asarray(chunk.flatten(), dtype="<f8").tobytes())
     return digest.hexdigest()
 
 

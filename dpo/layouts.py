@@ -46,6 +46,7 @@ from dpo.errors import UserError
 from dpo.logprobs import SequenceLogps, sequence_logps
 from dpo.masks import AttentionSpec, attention_spec
 from dpo.prefix_sharing import collate_prefix_shared
+from dpo.ranked_batch import longest_ranked_sequence
 from dpo.selection import SelectionWatch
 
 # Per-sequence tolerance of a probe, |layout - padded| <= abs + rel * |padded| nats. In fp32 the layouts agree to
@@ -155,6 +156,8 @@ def data_shape(*splits: datasets.Dataset | None) -> DataShape:
         for key in ("chosen_ids", "rejected_ids"):
             answer = pc.list_value_length(split.data.column(key))
             longest = max(longest, pc.max(pc.add(prompt, answer)).as_py() or 0)
+        if "responses_ids" in split.column_names:  # k answers per prompt: every answer counts (dpo.ranked_batch)
+            longest = max(longest, longest_ranked_sequence(split))
     return DataShape(longest=longest, empty_prompts=empty)
 
 

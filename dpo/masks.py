@@ -5,11 +5,13 @@ position is described by three [R, T] tensors the collate functions fill in:
 
     segment:      which sequence (packed) or pair (prefix shared) of the row the position belongs to; -1 padding
     branch:       SHARED for a plain sequence or a shared prompt, CHOSEN / REJECTED for the branches of a pair
+                  (1 + a for answer a of a prompt with k answers: CHOSEN and REJECTED are its k = 2 case)
     position_ids: the position inside its own sequence (what the model's positional encoding sees)
 
-Query q may see key k when both are in the same segment, k is at or before q in the row, q is not a rejected-branch
-token looking at a chosen-branch token, and the layer's own restriction holds *in sequence positions*: a sliding
-window of W keeps keys with pos_q - pos_k < W, a chunk of C keeps keys with pos_q // C == pos_k // C (transformers'
+Query q may see key k when both are in the same segment, k is at or before q in the row, k is shared or in q's own
+branch (a rejected-branch token never sees a chosen-branch one; no answer branch sees another), and the layer's own
+restriction holds *in sequence positions*: a sliding window of W keeps keys with pos_q - pos_k < W, a chunk of C
+keeps keys with pos_q // C == pos_k // C (transformers'
 `sliding_window_overlay` and `chunked_overlay`, applied to the positions the tokens have in their sequence rather
 than in the row). Padding sees only itself, so no softmax row is empty.
 
@@ -133,7 +135,9 @@ def _rule_allows(q: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], rule:
     q_segment, q_branch, q_position, q_index = q
     k_segment, k_branch, k_position, k_index = k
     allowed = (q_index >= k_index) & (q_segment == k_segment) & (q_segment >= 0)
-    allowed = allowed & ~((q_branch == REJECTED) & (k_branch == CHOSEN))
+    # A branch token sees the shared prompt and its own branch only: the rejected branch never sees the chosen one,
+    # and of k answer branches (dpo.ranked_batch, codes 1..k) none sees another.
+    allowed = allowed & ((k_branch == SHARED) | (k_branch == q_branch))
     if rule.window is not None:
         allowed = allowed & ((q_position - k_position) < rule.window)
     if rule.chunk is not None:

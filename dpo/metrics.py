@@ -12,6 +12,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from dpo.atomic import write_text_atomic
+from dpo.listwise import finish_ranking_metrics
 
 # Per-pair quantities summed (weighted) over the pairs of a step; their means are logged under these names.
 PAIR_METRICS = (
@@ -79,7 +80,7 @@ class MetricAccumulator:
         out["num_pairs"] = pairs
         out["num_tokens"] = tokens
         self.reset()
-        return out
+        return finish_ranking_metrics(out)  # ranked runs: ratios of the accumulated counts (dpo.listwise)
 
 
 def pair_values(

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import datasets
 import numpy as np
 import torch
 
+from data_prep.ranked import best_and_worst
 from dpo import sequence_parallel as sp
 from dpo.atomic import interrupted_replacement, recover, staged_folder
 from dpo.attention import resolve_for_run
@@ -41,9 +43,11 @@ from dpo.contract import REF_COLUMNS, SPLITS, check_data_contract
 from dpo.data import eval_micro_batches, load_split
 from dpo.distributed import build_accelerator
 from dpo.errors import UserError, run_cli
-from dpo.layouts import check_split_rows, choose_run_layout, data_shape, make_collate
+from dpo.layouts import check_split_rows, choose_run_layout, data_shape
+from dpo.listwise_step import is_ranked, make_run_collate, ranked_layout
 from dpo.models import load_tokenizer
 from dpo.progress import quiet_library_progress
+from dpo.ranked_batch import REF_ANSWER_COLUMN, RankedBatch
 from dpo.reference import FINGERPRINT_FILE, Reference, build_reference, run_fingerprint, split_fingerprint
 from dpo.startup import check_inputs
 
@@ -54,8 +58,9 @@ def splits_present(data_path: str | Path) -> list[str]:
 
 def reference_logps_of_split(reference: Reference, dataset: datasets.Dataset, collate: Any, cfg: TrainConfig,
                              accelerator: Any, *, sequence_group: sp.SequenceGroup | None = None
-                             ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(chosen, rejected) float32 [N] on the main process (None elsewhere); every pair computed by exactly one
+                             ) -> np.ndarray | None:
+    """[N, V] float32 on the main process (None elsewhere): (chosen, rejected) of each pair, or for k-answer data
+    each answer's value in input order (K columns, NaN past a record's own k); every record computed by exactly one
     process (one sequence-parallel group, whose lead reports it). All processes run the same number of equal batches
     (ZeRO-3 needs every rank in every forward)."""
     data_world, data_rank = sp.data_parallel(sequence_group, num_processes=accelerator.num_processes,
@@ -65,34 +70,51 @@ def reference_logps_of_split(reference: Reference, dataset: datasets.Dataset, co
     rows = []
     for indices, weights in batches:
         batch = collate([dataset[i] for i in indices], weights).to(accelerator.device)
-        chosen, rejected = reference.logps(batch)
-        rows.append(torch.stack([torch.tensor(indices, dtype=torch.float64, device=chosen.device),
-                                 sp.counted(batch)[0].double(), chosen.double(), rejected.double()], dim=1))
-    local = torch.cat(rows) if rows else torch.zeros((0, 4), dtype=torch.float64, device=accelerator.device)
+        first, second = reference.logps(batch)
+        if isinstance(batch, RankedBatch):  # [B, K], absent answers NaN
+            values = batch.unflatten(first, second).double()
+            values = torch.where(torch.isnan(batch.scores.to(values.device)), torch.nan, values)
+        else:
+            values = torch.stack([first.double(), second.double()], dim=1)
+        weight = batch.pair_weight if sequence_group is None else sp.counted(batch)[0]  # split: the group's lead
+        rows.append(torch.cat([torch.tensor(indices, dtype=torch.float64, device=values.device)[:, None],
+                               weight.double()[:, None].to(values.device), values], dim=1))
+    width = 2 + (rows[0].shape[1] - 2 if rows else 2)
+    local = torch.cat(rows) if rows else torch.zeros((0, width), dtype=torch.float64, device=accelerator.device)
     gathered = accelerator.gather(local) if accelerator.num_processes > 1 else local
     if not accelerator.is_main_process:
         return None
-    chosen = np.full(len(dataset), np.nan, dtype=np.float64)
-    rejected = np.full(len(dataset), np.nan, dtype=np.float64)
-    for index, weight, c, r in gathered.cpu().tolist():
+    values = np.full((len(dataset), gathered.shape[1] - 2), np.nan, dtype=np.float64)
+    for index, weight, *row in gathered.cpu().tolist():
         if weight == 0:  # a filler pair of the last batch
             continue
         i = int(index)
-        if not math.isnan(chosen[i]):
+        if not math.isnan(values[i, 0]):
             raise RuntimeError(f"pair {i} was computed twice")
-        chosen[i], rejected[i] = c, r
-    missing = np.flatnonzero(np.isnan(chosen))
+        values[i] = row
+    missing = np.flatnonzero(np.isnan(values[:, 0]))
     if len(missing):
         raise RuntimeError(f"{len(missing)} pairs were not computed (first: {missing[:5].tolist()})")
-    return chosen.astype(np.float32), rejected.astype(np.float32)
+    return values.astype(np.float32)
 
 
-def write_split_with_reference(split_dir: Path, dataset: datasets.Dataset, chosen: np.ndarray,
-                               rejected: np.ndarray, fingerprint: dict[str, Any]) -> None:
-    """The split with the two columns (replacing older ones) and its fingerprint, swapped in as one folder."""
+def write_split_with_reference(split_dir: Path, dataset: datasets.Dataset, values: np.ndarray,
+                               fingerprint: dict[str, Any]) -> None:
+    """The split with the reference columns (replacing older ones) and its fingerprint, swapped in as one folder.
+    Pairs: ref_chosen_logps / ref_rejected_logps. k answers: `ref_logps` (one value per answer, input order) and,
+    for the pairwise columns' best and worst answer, ref_chosen_logps / ref_rejected_logps."""
     state = json.loads((split_dir / "state.json").read_text())
     num_shards = max(1, len(state.get("_data_files", [])))
-    updated = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
+    updated = dataset.remove_columns([c for c in (*REF_COLUMNS, REF_ANSWER_COLUMN) if c in dataset.column_names])
+    if "responses_ids" in dataset.column_names:
+        answers = [row[:len(scores)].tolist() for row, scores in zip(values, dataset["scores"])]
+        ends = [best_and_worst(scores) for scores in dataset["scores"]]
+        chosen = np.array([a[best] for a, (best, _) in zip(answers, ends)], dtype=np.float32)
+        rejected = np.array([a[worst] for a, (_, worst) in zip(answers, ends)], dtype=np.float32)
+        updated = updated.add_column(REF_ANSWER_COLUMN, answers,
+                                     feature=datasets.List(datasets.Value("float32")))
+    else:
+        chosen, rejected = values[:, 0], values[:, 1]
     updated = updated.add_column(REF_COLUMNS[0], chosen, feature=datasets.Value("float32"))
     updated = updated.add_column(REF_COLUMNS[1], rejected, feature=datasets.Value("float32"))
     with staged_folder(split_dir) as staging:
@@ -133,11 +155,17 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reference = build_reference("model", cfg, accelerator)  # exactly training's on-the-fly reference
-    choice = choose_run_layout([reference.model], cfg, accelerator, pad_token_id=pad_id,
-                               data=data_shape(*(data.splits[s] for s in splits)))
+    shape = data_shape(*(data.splits[s] for s in splits))
+    choice = choose_run_layout([reference.model], cfg, accelerator, pad_token_id=pad_id, data=shape)
+    choice = ranked_layout([reference.model], choice, replace(cfg, listwise_loss=None), accelerator,
+                           pad_token_id=pad_id, datasets_=tuple(data.splits[s] for s in splits),
+                           longest=shape.longest)
     log(choice.message.replace("[dpo]", "[precompute_ref]", 1))
-    collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           attention=choice.attention, mask_form=choice.mask_form)
+    collate = make_run_collate(choice, replace(cfg, listwise_loss=None), pad_token_id=pad_id,
+                               datasets_=tuple(data.splits[s] for s in splits))  # k answers when the data has them
+    if cfg.sequence_parallel_size > 1 and is_ranked(replace(cfg, listwise_loss=None), *data.splits.values()):
+        raise UserError(f"sequence_parallel_size {cfg.sequence_parallel_size} with k-answer data is not supported "
+                        f"yet: use sequence_parallel_size 1")
     sequence_group = sp.setup(cfg.sequence_parallel_size)
     if sequence_group is not None:  # after the layout probe (whole rows); split rows checked against them
         log(check_split_rows([reference.model], choice, cfg, accelerator, group=sequence_group,
@@ -154,7 +182,7 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
             fingerprint = split_fingerprint(run, data, split)
             fingerprint["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             fingerprint["num_processes"] = accelerator.num_processes
-            write_split_with_reference(Path(cfg.data_path) / split, dataset, *result, fingerprint)
+            write_split_with_reference(Path(cfg.data_path) / split, dataset, result, fingerprint)
             fingerprints[split] = fingerprint
             log(f"[precompute_ref] {split}: {len(dataset)} pairs in {time.perf_counter() - start:.1f}s "
                 f"-> {Path(cfg.data_path) / split}")

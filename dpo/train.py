@@ -37,7 +37,15 @@ from dpo.errors import TrainingDiverged, UserError, run_cli
 from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
 from dpo.host_memory import return_freed_memory
-from dpo.layouts import check_split_rows, choose_run_layout, data_shape, make_collate
+from dpo.layouts import check_split_rows, choose_run_layout, data_shape
+from dpo.listwise_step import (
+    check_ranked_run,
+    is_ranked,
+    make_run_collate,
+    ranked_forward_and_loss,
+    ranked_layout,
+    ranked_summary,
+)
 from dpo.logprobs import sequence_logps
 from dpo.lora import merge_adapter_into_base
 from dpo.losses import preference_loss, wants_mean_logps
@@ -47,6 +55,7 @@ from dpo.objective import answer_logps, loss_kwargs
 from dpo.precision import check_quantized_run
 from dpo.preemption import PreemptionSignals
 from dpo.progress import progress_bar, quiet_library_progress
+from dpo.ranked_batch import RankedBatch
 from dpo.recipe_data import prepare_recipe_data
 from dpo.ref_sync import load_reference, save_reference, sync_reference
 from dpo.reference import Reference, build_reference, resolve_reference_kind
@@ -72,6 +81,8 @@ class StepOutput:
 def forward_and_loss(policy: torch.nn.Module, reference: Reference, batch: PreferenceBatch, cfg: TrainConfig
                      ) -> StepOutput:
     """Reference log-probs (no grad), one policy forward over chosen and rejected together, then the loss."""
+    if isinstance(batch, RankedBatch):  # k scored answers per prompt (dpo/listwise_step.py)
+        return ranked_forward_and_loss(policy, reference, batch, cfg)  # type: ignore[return-value]
     ref_chosen, ref_rejected = reference.logps(batch)
     # Some losses want per-token means (SimPO's reward is length-normalised by definition, Meng et al. 2024, Eq. 4).
     average = cfg.average_log_prob or wants_mean_logps(cfg.loss_type)
@@ -245,6 +256,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
                         f"makes one)")
     data = check_data_contract(cfg, {"train": train_ds, "eval": eval_ds}, log=log)  # against prep_report.json
     eval_ds = eval_ds if cfg.do_eval else None  # checked with the rest of the data, not evaluated
+    if is_ranked(cfg, train_ds, eval_ds):  # k scored answers per prompt: one record is one prompt
+        check_ranked_run(cfg)
+        log(ranked_summary(cfg, train_ds, eval_ds))
     tokenizer = data.tokenizer  # the model's own; the contract checked its special ids equal the data's
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The data-parallel degree: the ranks of a sequence-parallel group read the same pairs.
@@ -287,11 +301,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:  # noqa: C901 - the training flow
 
     # ---- layout: the fastest one that a probe of these very models proves exact (dpo/layouts.py)
     probed = [policy] + ([reference.model] if reference.model is not None else [])
-    choice = choose_run_layout(probed, cfg, accelerator, pad_token_id=pad_id,
-                               data=data_shape(train_ds, eval_ds))
+    shape = data_shape(train_ds, eval_ds)
+    choice = choose_run_layout(probed, cfg, accelerator, pad_token_id=pad_id, data=shape)
+    # k answers per prompt: the chosen layout is checked on rows of k answers too (dpo/ranked_probe.py).
+    choice = ranked_layout(probed, choice, cfg, accelerator, pad_token_id=pad_id, datasets_=(train_ds, eval_ds),
+                           longest=shape.longest)
     log(choice.message)
-    collate = make_collate(choice.layout, pad_token_id=pad_id, max_tokens_per_row=cfg.max_tokens_per_row,
-                           attention=choice.attention, mask_form=choice.mask_form)
+    collate = make_run_collate(choice, cfg, pad_token_id=pad_id, datasets_=(train_ds, eval_ds))
     if sequence_group is not None:  # after the layout probe (whole rows); split rows checked against them
         log(check_split_rows(probed, choice, cfg, accelerator, group=sequence_group, pad_token_id=pad_id))
         collate = sp.splitting(collate, sequence_group, choice.attention, mask_form=choice.mask_form)

@@ -193,6 +193,7 @@ TEMPLATES = {
     "bang_to_surrogate": "{% for m in messages %}" + _TURN.replace("}}</s>", "| replace('!', '\\ud800') }}</s>")
     + "{% endfor %}" + _GENERATION,
 }
+GOOD_RANKED_LINE = b'{"prompt": "The answer is", "responses": [" yes", " no", " maybe"], "scores": [2, 0, 1]}'
 BAD_CASES: dict[str, tuple[str, list[bytes], tuple[str, ...]]] = {
     "invalid_json": ("a.jsonl", [GOOD_LINE, b'{"prompt": "a",'], ()),
     "not_an_object": ("a.jsonl", [GOOD_LINE, b"[1, 2]"], ()),
@@ -232,6 +233,12 @@ BAD_CASES: dict[str, tuple[str, list[bytes], tuple[str, ...]]] = {
         ],
         ("--chat_template", "@no_system"),
     ),
+    # Ranked records (k answers, data_prep.ranked); the good record beside them is ranked too.
+    "too_few_responses": ("a.jsonl", [GOOD_RANKED_LINE, b'{"prompt": "a", "responses": [" b"], "scores": [1]}'], ()),
+    "all_tied": ("a.jsonl", [GOOD_RANKED_LINE, b'{"prompt": "a", "responses": [" b", " c"], "scores": [1, 1]}'], ()),
+    "bad_score": ("a.jsonl", [GOOD_RANKED_LINE, b'{"instruction": "a", "completions": [{"response": " b", '
+                                                b'"overall_score": 2}, {"response": " c", "overall_score": NaN}]}'],
+                  ()),
     "tokenizer_error": (
         "a.jsonl",
         [GOOD_CHAT_LINE, GOOD_CHAT_LINE.replace(b'"no"', b'"no!"')],

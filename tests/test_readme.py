@@ -68,6 +68,10 @@ COVERAGE: dict[str, str] = {
     "trl",
     "./launch.sh bench --vs-trl": "bench",
     "python -m benchmarks.bench_prep --pairs 20000 --json bench_results/bench_prep.json": "bench",
+    "python -m data_prep --input data/my_ranked.jsonl --tokenizer path/to/sft_model --output data/ranked": "ranked",
+    "python -m dpo.train --config recipes/full_small.yaml --model_path path/to/sft_model --data_path data/ranked "
+    "--output_dir runs/my_listwise --listwise_loss plackett_luce": "ranked",
+    "python -m benchmarks.bench_ranked --vs-trl --threads 1 --output bench_results/bench_ranked.json": "bench_ranked",
 }
 # Training commands, reduced: two optimizer steps of two pairs, no intermediate evaluation or checkpoint.
 REDUCED_TRAINING = " --max_steps 2 --batch_size 2 --gradient_accumulation_steps 1 --eval_steps 0 --save_steps 0 " \
@@ -113,12 +117,17 @@ class Workspace:
             records.append({"prompt": f"what is {a} plus {b}?", "chosen": f" the answer is {a + b}.",
                             "rejected": f" the answer is {a + b + rng.choice([-2, -1, 1, 2])}."})
         self.raw.write_text("".join(json.dumps(r) + "\n" for r in records))
+        self.ranked_raw = root / "my_ranked.jsonl"  # 4 scored answers per prompt (README "More than two answers")
+        self.ranked_raw.write_text("".join(json.dumps({
+            "prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], " i do not know.", " 42."],
+            "scores": [3, 1, 0, 0]}) + "\n" for r in records))
         self.prepped = root / "prepped"
         self.runs = root / "runs"
 
     def substitute(self, command: str, *, prepped: Path | None = None) -> str:
         """README placeholder paths -> this workspace's paths."""
         table = {"path/to/sft_model": self.model, "/shared/models/sft": self.model, "data/my_prefs.jsonl": self.raw,
+                 "data/my_ranked.jsonl": self.ranked_raw, "data/ranked": self.root / "ranked",
                  "/shared/data/prepped": prepped or self.prepped, "data/prepped": prepped or self.prepped,
                  "/shared/runs/": f"{self.runs}/shared_", "runs/": f"{self.runs}/"}
         # One pass, longest placeholder first, so a substituted path is never substituted again.
@@ -169,10 +178,13 @@ def test_every_readme_command_is_covered():
 def test_substitution(tmp_path):
     ws = Workspace.__new__(Workspace)
     ws.model, ws.raw, ws.prepped, ws.runs = tmp_path / "m", tmp_path / "r.jsonl", tmp_path / "p", tmp_path / "runs"
+    ws.root, ws.ranked_raw = tmp_path, tmp_path / "k.jsonl"
     assert ws.substitute("x --model_path path/to/sft_model --data_path data/prepped --output_dir runs/a") == \
         f"x --model_path {tmp_path}/m --data_path {tmp_path}/p --output_dir {tmp_path}/runs/a"
     assert ws.substitute("--output_dir /shared/runs/dpo --data_path /shared/data/prepped") == \
         f"--output_dir {tmp_path}/runs/shared_dpo --data_path {tmp_path}/p"
+    assert ws.substitute("--input data/my_ranked.jsonl --output data/ranked") == \
+        f"--input {tmp_path}/k.jsonl --output {tmp_path}/ranked"
     assert ws.substitute("recipes/full_small.yaml accelerate_configs/zero3.yaml") == \
         "recipes/full_small.yaml accelerate_configs/zero3.yaml"
 
@@ -370,3 +382,37 @@ def test_benchmarks(workspace, tmp_path):
     workspace.run(prep_cmd.replace("--pairs 20000", "--pairs 300 --vocab_size 500")
                   .replace("bench_results/bench_prep.json", str(prep_json)))
     assert json.loads(prep_json.read_text())
+
+
+@pytest.mark.slow  # README commands end to end
+def test_ranked(workspace):
+    """The README's k-answer commands: prep reads 4 scored answers per prompt, training runs plackett_luce on them
+    in k-branch rows and logs the ranking metrics."""
+    prep_cmd, train_cmd = group_commands("ranked")
+    workspace.run(workspace.substitute(prep_cmd))
+    report = json.loads((workspace.root / "ranked" / "prep_report.json").read_text())
+    assert report["answers_per_prompt"] == {"4": 40} and "responses_ids" in report["columns"]
+    done = workspace.run(workspace.substitute(train_cmd) + REDUCED_TRAINING)
+    out = workspace.runs / "my_listwise"
+    assert_trained(out)
+    assert "layout: packed with prefix sharing" in done.stdout + done.stderr
+    first = read_metrics(out)[0]
+    assert {"ranking/kendall_tau", "ranking/top_accuracy", "rewards/rank_4"} <= set(first)
+
+
+@pytest.mark.slow  # a benchmark run, reduced
+def test_bench_ranked(workspace, tmp_path):
+    """Reduced: a tiny model, 1 measured step; without trl (the `bench` extra) the TRL row is left out."""
+    (command,) = group_commands("bench_ranked")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        command = command.replace(" --vs-trl", "")
+    output = tmp_path / "bench_ranked.json"
+    done = workspace.run(command.replace("bench_results/bench_ranked.json", str(output))
+                         + f" --hidden-size 32 --num-layers 2 --vocab-size 400 --max-length 64 --steps 1 "
+                         f"--workdir {tmp_path / 'work'}")
+    rows = {r["name"]: r for r in json.loads(output.read_text())["rows"]}
+    assert {"pairs/prefix_shared", "ranked/padded", "ranked/k_branch"} <= set(rows)
+    assert ("trl/best_vs_rest" in rows) == ("--vs-trl" in command)
+    assert "useful tok/s" in done.stdout
