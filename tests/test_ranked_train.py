@@ -23,6 +23,7 @@ from dpo.metrics import read_metrics
 from dpo.precompute_ref import main as precompute_main
 from dpo.train import train
 from tests.test_distributed import free_port, launch_cmd, run_launch
+from tests.test_listwise import tau_b
 
 pytestmark = pytest.mark.slow
 BETA = 0.1
@@ -79,16 +80,6 @@ def run(inputs, out: Path, *flags: str, data: str = "data") -> list[dict]:
                        inputs[data], "--output_dir", str(out), "--batch_size", "8", "--learning_rate", "1e-3",
                        "--seed", "7", "--beta", str(BETA), *flags]))
     return read_metrics(out)
-
-
-def tau_b(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b by its definition, pair by pair: (concordant - discordant) / sqrt((n0 - ties in x)(n0 -
-    ties in y)), n0 the number of pairs."""
-    pairs = list(itertools.combinations(range(len(x)), 2))
-    sign = [((x[i] > x[j]) - (x[i] < x[j])) * ((y[i] > y[j]) - (y[i] < y[j])) for i, j in pairs]
-    untied_x = sum(x[i] != x[j] for i, j in pairs)
-    untied_y = sum(y[i] != y[j] for i, j in pairs)
-    return sum(sign) / math.sqrt(untied_x * untied_y)
 
 
 def answer_logp(model: torch.nn.Module, prompt: list[int], answer: list[int]) -> float:
