@@ -26,8 +26,18 @@ from dpo.config import load_config
 from dpo.train import train
 from tests import model_zoo
 from tests.builders import make_data_dir, make_model_dir, make_tokenizer
-from tests.test_distributed import (COMMON, REPO, assert_close_weights, assert_same_trajectory, free_port, launch_cmd,
-                                    launch_env, load_weights, read_records, run_launch)
+from tests.test_distributed import (
+    COMMON,
+    REPO,
+    assert_close_weights,
+    assert_same_trajectory,
+    free_port,
+    launch_cmd,
+    launch_env,
+    load_weights,
+    read_records,
+    run_launch,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WINDOW = 4  # the windowed model's sliding window: shorter than every prompt of the data
