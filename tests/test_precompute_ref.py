@@ -61,8 +61,8 @@ def config(model: str, data: str, **overrides) -> TrainConfig:
 def forward_terms(model_dir: str, split) -> int:
     """`model_terms` of a no-grad forward (no weight gradient sums positions) over rows as long as the split's
     longest pair, whatever batches and layouts each side used."""
-    longest = max(len(p) + len(c) + len(r) for p, c, r in zip(split["prompt_ids"], split["chosen_ids"],
-                                                                split["rejected_ids"]))
+    lengths = zip(split["prompt_ids"], split["chosen_ids"], split["rejected_ids"])
+    longest = max(len(p) + len(c) + len(r) for p, c, r in lengths)
     return model_terms(AutoConfig.from_pretrained(model_dir), positions=0, row_length=longest)
 
 
