@@ -149,7 +149,7 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     from accelerate import Accelerator
 
     from dpo.config import TrainConfig
-    from dpo.host_memory import return_freed_memory
+    from benchmarks.malloc_variants import apply_setting
     from dpo.layouts import PACKED_SHARED, make_collate
     from dpo.masks import attention_spec
     from dpo.models import load_policy
@@ -166,8 +166,9 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
 
         dpo.lm_head._plain_linear_head = lambda *a, **k: False
     baseline = rss_mb()
-    if not flags.get("glibc_heap"):  # glibc_heap: leave glibc's own mmap threshold, for a before/after
-        return_freed_memory()  # what dpo.train does first
+    # glibc_heap: leave glibc's own mmap threshold, for a before/after; else what dpo.train does first
+    # (return_freed_memory), unless $BENCH_MALLOC chooses another setting (benchmarks/malloc_variants.py)
+    malloc_setting = "glibc_heap" if flags.get("glibc_heap") else apply_setting()
     cfg = TrainConfig(model_path=str(args.workdir / "model"), data_path=str(args.workdir),
                       lora=flags.get("lora", False), lora_dropout=0.0, torch_dtype=flags.get("torch_dtype", "auto"),
                       load_in_4bit=flags.get("load_in_4bit", False), batch_size=PAIRS_PER_BATCH[length],
@@ -184,7 +185,8 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     vocabulary_weights = vocabulary_weight_bytes(*models)
     after_load = rss_mb()
     trainable_count = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    loaded = {"weights_mb": weights / 2**20, "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
+    loaded = {"malloc_setting": malloc_setting, "weights_mb": weights / 2**20,
+              "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
               "gradients_mb": trainable / 2**20, "optimizer_mb": 2 * 4 * trainable_count / 2**20,
               "baseline_mb": baseline, "after_load_mb": after_load}
     if args.steps == 0:  # weights as loaded only: what 16-bit and 4-bit loading save, at any model shape
