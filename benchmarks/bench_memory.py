@@ -19,7 +19,8 @@ activations and the rest is the measured peak minus the process's baseline and t
 head path this project used before `dpo/lm_head.py` (the model's own `[N, vocab]` logits), for a before/after;
 `ckpt-head` rows force the chunked head's general form (each chunk through autograd under `checkpoint`) that
 `dpo/lm_head.py` keeps for heads other than a plain `nn.Linear`; `glibc-heap` rows leave glibc's malloc as it is
-(`dpo/host_memory.py` is what dpo.train does first).
+(`dpo/host_memory.py` is what dpo.train does first); BENCH_MALLOC in the environment chooses another glibc setting
+for every other row of ours (benchmarks/malloc_variants.py).
 
 --vocab-size, --hidden-size, --layers and --pair-tokens shrink the workload (tests/test_bench_memory.py runs a tiny
 one so this script cannot rot).

@@ -17,7 +17,8 @@ utilisation: nominal FLOPs of the workload ((6 full or 4 LoRA) x N per useful to
 reference forward runs; N = all parameters, the tied embedding counted once as the LM head; attention scores left
 out) over the step time and the matmul rate measured in the same run (2048 x 2048, fp32 or bf16); in the JSON also
 the trainable and the reference model's parameter counts. benchmarks/bench_reference.py measures its strategies as
-rows of this benchmark (`run_row_in_subprocess`) on a workload of its own.
+rows of this benchmark (`run_row_in_subprocess`) on a workload of its own. Our rows set glibc's malloc as dpo.train
+does (dpo/host_memory.py), or as BENCH_MALLOC in the environment says (benchmarks/malloc_variants.py).
 """
 
 from __future__ import annotations
