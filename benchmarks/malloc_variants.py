@@ -50,21 +50,30 @@ def _is_policy_forward(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("ForCausalLM") and torch.is_grad_enabled()
 
 
-def _on_policy_forward(*, start: Callable[[], None] | None = None, end: Callable[[], None] | None = None) -> None:
-    if start is not None:
-        torch.nn.modules.module.register_module_forward_pre_hook(
-            lambda module, args: start() if _is_policy_forward(module) else None)
-    if end is not None:
-        torch.nn.modules.module.register_module_forward_hook(
-            lambda module, args, out: end() if _is_policy_forward(module) else None)
+def _on_policy_forward(*, start: Callable[[], Any] | None = None, end: Callable[[], Any] | None = None) -> None:
+    # The hooks return None: a forward pre-hook's value would replace the inputs, a forward hook's the output.
+    def pre_hook(module: torch.nn.Module, args: Any) -> None:
+        if start is not None and _is_policy_forward(module):
+            start()
+
+    def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
+        if end is not None and _is_policy_forward(module):
+            end()
+
+    torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    torch.nn.modules.module.register_module_forward_hook(hook)
 
 
-def _before_optimizer_step(action: Callable[[], None]) -> None:
+def _before_optimizer_step(action: Callable[[], Any]) -> None:
     optimizer = importlib.import_module("torch.optim.optimizer")  # torch.optim does not export the submodule
-    optimizer.register_optimizer_step_pre_hook(lambda *args: action())
+
+    def pre_hook(*args: Any) -> None:  # None: a value would replace the step's arguments
+        action()
+
+    optimizer.register_optimizer_step_pre_hook(pre_hook)
 
 
-def _when_backward_reaches(class_suffix: str, action: Callable[[], None], *, last_only: bool = False) -> None:
+def _when_backward_reaches(class_suffix: str, action: Callable[[], Any], *, last_only: bool = False) -> None:
     """`action` when the backward reaches the output of each module whose class name ends with `class_suffix`
     (`last_only`: the last such module a policy forward ran, e.g. the final norm)."""
     def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
@@ -72,7 +81,7 @@ def _when_backward_reaches(class_suffix: str, action: Callable[[], None], *, las
         if not (type(module).__name__.endswith(class_suffix) and torch.is_grad_enabled()):
             return
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-            handle = tensor.register_hook(lambda grad: action())
+            handle = tensor.register_hook(lambda grad: (action(), None)[1])  # None: the gradient unchanged
             if last_only and getattr(hook, "previous", None) is not None:
                 hook.previous.remove()
             hook.previous = handle
