@@ -149,8 +149,8 @@ def parameter_bytes(*models: torch.nn.Module) -> tuple[int, int, int]:
 def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: str) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from dpo.config import TrainConfig
     from benchmarks.malloc_variants import apply_setting
+    from dpo.config import TrainConfig
     from dpo.layouts import PACKED_SHARED, make_collate
     from dpo.masks import attention_spec
     from dpo.models import load_policy

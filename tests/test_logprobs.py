@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_reordered_close, batch_terms, model_terms
 
 from demo.tiny import build_model
-from tolerance import assert_reordered_close, batch_terms, model_terms
 from dpo.data import collate_packed, collate_padded
 from dpo.logprobs import label_logps, scatter_sequence_logps, sequence_logps
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 from lora_builders import make_sft_adapter
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
 from tolerance import assert_reordered_close, model_terms
+from transformers import AutoModelForCausalLM
 
 from builders import make_data_dir, make_model_dir, make_tokenizer
 from dpo.config import load_config

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_scalars_reordered_close, model_terms
 
 from demo.tiny import build_model
-from tolerance import assert_scalars_reordered_close, model_terms
 from dpo.layouts import make_collate
 from dpo.logprobs import log_sum_sq_probs, sequence_logps
 from dpo.objective import answer_logps, answer_positions, wpo_weights

@@ -13,7 +13,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-
 from tolerance import assert_reordered_close, batch_terms, model_terms
 from transformers import AutoConfig
 

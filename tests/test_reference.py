@@ -10,7 +10,6 @@ import pytest
 import torch
 from lora_builders import make_sft_adapter
 from peft import PeftModel
-
 from tolerance import assert_reordered_close, batch_terms
 
 from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer, prepared

@@ -41,10 +41,10 @@ def test_at_the_suites_model_sizes_a_thousandth_off_still_fails() -> None:
     layout - and fails a 1e-3 relative error of the largest log-prob or weight gradient: the bound is not so wide
     that a small real mistake slips through. (An entry a tenth of the largest may err by ~3e-3 of itself.)"""
     from test_layouts import VOCAB, collate, make_pairs
+    from tolerance import batch_terms
 
     from demo.tiny import build_model
     from dpo.logprobs import sequence_logps
-    from tolerance import batch_terms
 
     model = build_model(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3).train()
     pairs = make_pairs()

@@ -13,8 +13,9 @@ import torch
 trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.slow  # importing TRL and running its trainer
 
-from builders import make_tokenizer  # noqa: E402
 from tolerance import assert_reordered_close, assert_scalars_reordered_close, batch_terms  # noqa: E402
+
+from builders import make_tokenizer  # noqa: E402
 from demo.tiny import build_model  # noqa: E402
 from dpo.config import TrainConfig  # noqa: E402
 from dpo.layouts import make_collate  # noqa: E402
