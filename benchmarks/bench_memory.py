@@ -19,7 +19,8 @@ activations and the rest is the measured peak minus the process's baseline and t
 head path this project used before `dpo/lm_head.py` (the model's own `[N, vocab]` logits), for a before/after;
 `ckpt-head` rows force the chunked head's general form (each chunk through autograd under `checkpoint`) that
 `dpo/lm_head.py` keeps for heads other than a plain `nn.Linear`; `glibc-heap` rows leave glibc's malloc as it is
-(`dpo/host_memory.py` is what dpo.train does first).
+(`dpo/host_memory.py` is what dpo.train does first); BENCH_MALLOC in the environment chooses another glibc setting
+for every other row of ours (benchmarks/malloc_variants.py).
 
 --vocab-size, --hidden-size, --layers and --pair-tokens shrink the workload (tests/test_bench_memory.py runs a tiny
 one so this script cannot rot).
@@ -148,8 +149,8 @@ def parameter_bytes(*models: torch.nn.Module) -> tuple[int, int, int]:
 def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: str) -> dict[str, Any]:
     from accelerate import Accelerator
 
+    from benchmarks.malloc_variants import apply_setting
     from dpo.config import TrainConfig
-    from dpo.host_memory import return_freed_memory
     from dpo.layouts import PACKED_SHARED, make_collate
     from dpo.masks import attention_spec
     from dpo.models import load_policy
@@ -166,8 +167,9 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
 
         dpo.lm_head._plain_linear_head = lambda *a, **k: False
     baseline = rss_mb()
-    if not flags.get("glibc_heap"):  # glibc_heap: leave glibc's own mmap threshold, for a before/after
-        return_freed_memory()  # what dpo.train does first
+    # glibc_heap: leave glibc's own mmap threshold, for a before/after; else what dpo.train does first
+    # (return_freed_memory), unless $BENCH_MALLOC chooses another setting (benchmarks/malloc_variants.py)
+    malloc_setting = "glibc_heap" if flags.get("glibc_heap") else apply_setting()
     cfg = TrainConfig(model_path=str(args.workdir / "model"), data_path=str(args.workdir),
                       lora=flags.get("lora", False), lora_dropout=0.0, torch_dtype=flags.get("torch_dtype", "auto"),
                       load_in_4bit=flags.get("load_in_4bit", False), batch_size=PAIRS_PER_BATCH[length],
@@ -184,7 +186,8 @@ def run_dpo(name: str, flags: dict[str, Any], args: argparse.Namespace, device: 
     vocabulary_weights = vocabulary_weight_bytes(*models)
     after_load = rss_mb()
     trainable_count = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    loaded = {"weights_mb": weights / 2**20, "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
+    loaded = {"malloc_setting": malloc_setting, "weights_mb": weights / 2**20,
+              "weights_outside_embeddings_mb": (weights - vocabulary_weights) / 2**20,
               "gradients_mb": trainable / 2**20, "optimizer_mb": 2 * 4 * trainable_count / 2**20,
               "baseline_mb": baseline, "after_load_mb": after_load}
     if args.steps == 0:  # weights as loaded only: what 16-bit and 4-bit loading save, at any model shape

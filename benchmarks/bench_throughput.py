@@ -17,7 +17,8 @@ utilisation: nominal FLOPs of the workload ((6 full or 4 LoRA) x N per useful to
 reference forward runs; N = all parameters, the tied embedding counted once as the LM head; attention scores left
 out) over the step time and the matmul rate measured in the same run (2048 x 2048, fp32 or bf16); in the JSON also
 the trainable and the reference model's parameter counts. benchmarks/bench_reference.py measures its strategies as
-rows of this benchmark (`run_row_in_subprocess`) on a workload of its own.
+rows of this benchmark (`run_row_in_subprocess`) on a workload of its own. Our rows set glibc's malloc as dpo.train
+does (dpo/host_memory.py), or as BENCH_MALLOC in the environment says (benchmarks/malloc_variants.py).
 """
 
 from __future__ import annotations
@@ -236,9 +237,9 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     # (CUDA_VISIBLE_DEVICES) before anything that may initialise CUDA is imported.
     from accelerate import Accelerator
 
+    from benchmarks.malloc_variants import apply_setting
     from benchmarks.pieces import update
     from dpo.config import TrainConfig
-    from dpo.host_memory import return_freed_memory
     from dpo.layouts import make_collate
     from dpo.models import load_policy
     from dpo.reference import build_reference
@@ -248,7 +249,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
                       lora_dropout=0.0, reference=row.reference, layout=row.layout, prefix_sharing=row.prefix_sharing,
                       max_tokens_per_row=row.max_tokens_per_row or args.max_tokens_per_row, batch_size=args.batch_size,
                       mixed_precision="bf16" if row.precision == "bf16" else "no", seed=args.seed)
-    return_freed_memory()  # what dpo.train does first
+    malloc_setting = apply_setting()  # what dpo.train does first (return_freed_memory), unless $BENCH_MALLOC
     torch.manual_seed(args.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = str(accelerator.device)
@@ -300,6 +301,7 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
     result["useful_tokens_per_step"] = statistics.mean(step_tokens)
     result["peak_memory_mb"] = peak_memory_mb(device)
     result["device"] = device
+    result["malloc_setting"] = malloc_setting
     result["trainable_params"] = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     frozen_copy = reference.model
     result["reference_params"] = sum(p.numel() for p in frozen_copy.parameters()) if frozen_copy is not None else 0

@@ -9,13 +9,16 @@ stays resident. A fixed threshold (which also stops glibc raising it) makes ever
 mapping, returned on free.
 
 The trade (measured 2026-12-04, README "Host memory against speed"): on the memory benchmark's Qwen2-shaped model
-(vocabulary 151,936, four 1k-token pairs, full fine-tune) peak RSS 2,654 MB at 1 MiB against 3,132 MB with glibc's
-own threshold; on the throughput benchmark's long multi-turn prompts the fresh mappings' page faults and zeroing cost
-~25% of the useful tokens per CPU-second. Nothing measured kept both: `malloc_trim` at step boundaries or after each
-forward (peak 3,164 / 3,126 MB: the memory is held inside the step), fixed thresholds of 4 or 16 MiB (2,713 MB and
-as slow; 2,840 MB and half the cost), PyTorch's transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`: no faster). The
-default keeps the memory; `MALLOC_MMAP_THRESHOLD_=268435456` in the environment chooses the speed (issue 22's
-figure).
+(vocabulary 151,936, four 1k-token pairs, full fine-tune) peak RSS 2,648-2,654 MB at 1 MiB (0.40x TRL's) against
+3,132-3,318 MB with glibc's own threshold; on the throughput benchmark's long multi-turn prompts the fresh mappings
+cost ~1.8M page faults per step (~2 us each, faulting and zeroing) against almost none, a fifth to a quarter of the
+useful tokens per CPU-second. Nothing measured kept both (benchmarks/malloc_variants.py has each one): glibc's own
+threshold with `malloc_trim(0)` after the policy's forward and before the optimizer step (2,842 MB, 0.43x), also at
+each decoder layer's backward or the forward's start (2,795 MB), the 1 MiB threshold only from the policy's forward,
+only in the backward, or only around the LM head (2,796-2,830 MB: glibc serves a request from free heap chunks
+before it looks at the threshold, so the backward refaults what was trimmed), one malloc arena (3,219 MB), a 64 MiB
+trim threshold and top pad (2,663 MB, 0.401x, 7% fewer faults), fixed thresholds of 4 or 16 MiB, transparent huge
+pages. The default keeps the memory; `MALLOC_MMAP_THRESHOLD_=268435456` in the environment chooses the speed.
 
 A threshold the user set (`MALLOC_MMAP_THRESHOLD_` in the environment) is kept, and so is every allocator that is
 not glibc's (musl, macOS, jemalloc/tcmalloc preloaded: `mallopt` is then absent or ignored).

@@ -103,3 +103,18 @@ def test_the_nf4_row_packs_the_linear_weights(tmp_path: Path) -> None:
     packed = (2 * VOCAB_WEIGHTS + 2 * SMALL_WEIGHTS) / 2**20 + nf4["gradients_mb"]  # all but the linear weights
     assert packed + 0.5 * LINEAR_WEIGHTS / 2**20 <= nf4["weights_mb"] <= packed + 0.6 * LINEAR_WEIGHTS / 2**20
     check_loaded_only(nf4)
+
+
+@pytest.mark.slow  # one tiny training row per setting
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_every_malloc_setting_trains_the_default_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BENCH_MALLOC (benchmarks/malloc_variants.py, the README's host-memory figures): each setting's hooks leave the
+    training step intact (a hook that returned a value would replace a forward's inputs or outputs) and the row
+    records the setting it ran under."""
+    from benchmarks.malloc_variants import SETTINGS
+
+    for setting in SETTINGS:
+        monkeypatch.setenv("BENCH_MALLOC", setting)
+        report = run_bench(tmp_path / setting, "full@1k")
+        check_rows(report, ["full@1k"])
+        assert report["rows"][0]["malloc_setting"] == setting

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from dpo.data import eval_micro_batches, train_micro_batches
 from tests.builders import make_data_dir, make_model_dir, make_tokenizer
+from tests.tolerance import assert_reordered_close, model_terms
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 300
@@ -100,6 +101,11 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         weights.update(load_file(str(f)))
     return weights
+
+
+def forward_terms(model: torch.nn.Module, batch) -> int:
+    """tests/tolerance.py's sum lengths of a forward (no weight gradient) over `batch`'s rows."""
+    return model_terms(model.config, positions=0, row_length=batch.input_ids.shape[-1])
 
 
 def assert_close_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, atol: float) -> None:
@@ -421,9 +427,11 @@ def test_zero3_frozen_reference_is_sharded_and_never_gathered_whole(runs: Runs) 
     got = {int(i): v for report in reports for i, v in report["logps"].items()}
     assert sorted(got) == list(range(len(data)))
     with torch.no_grad():  # all pairs in one padded batch of a plain model: another batching, the same function
-        want = sequence_logps(plain, collate_padded(list(data), pad_token_id=0))
-    for i in range(len(data)):
-        assert got[i] == pytest.approx([want.chosen_logps[i].item(), want.rejected_logps[i].item()], abs=1e-4)
+        padded = collate_padded(list(data), pad_token_id=0)
+        want = sequence_logps(plain, padded)
+    expected = torch.stack([want.chosen_logps, want.rejected_logps], dim=1)
+    assert_reordered_close(torch.tensor([got[i] for i in range(len(data))]), expected,
+                           terms=forward_terms(plain, padded))
 
 
 @pytest.mark.distributed
@@ -443,6 +451,8 @@ def test_precompute_ref_on_two_zero3_processes_stores_every_pair_once(runs: Runs
         ds = load_split(data, split)
         assert ds["prompt_ids"] == load_split(runs.data, split)["prompt_ids"]  # same pairs, same order
         with torch.no_grad():  # all pairs in one padded batch of a plain model
-            want = sequence_logps(plain, collate_padded(list(ds), pad_token_id=0))
-        assert ds["ref_chosen_logps"] == pytest.approx(want.chosen_logps.tolist(), abs=1e-4)
-        assert ds["ref_rejected_logps"] == pytest.approx(want.rejected_logps.tolist(), abs=1e-4)
+            padded = collate_padded(list(ds), pad_token_id=0)
+            want = sequence_logps(plain, padded)
+        terms = forward_terms(plain, padded)
+        assert_reordered_close(torch.tensor(ds["ref_chosen_logps"]), want.chosen_logps, terms=terms, msg=split)
+        assert_reordered_close(torch.tensor(ds["ref_rejected_logps"]), want.rejected_logps, terms=terms, msg=split)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerance import assert_reordered_close, model_terms
+from tolerance import assert_reordered_close, model_terms, unit_roundoff
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo.layouts import make_collate
@@ -171,7 +171,11 @@ def test_bf16_autocast_uses_the_head_dtype_of_the_models_forward() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             dense = dense_head_logps(model, inputs_of(batch), keep, labels, chunk_size=4)
             chunked = chunked_head_logps(model, inputs_of(batch), keep, labels, chunk_size=4)
-    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-6)
+            largest_logit = float(model(**inputs_of(batch)).logits.abs().max())
+    # A BLAS that blocks 4 rows otherwise than all of them may round a logit to the neighbouring bf16 value: each
+    # log-prob then moves by at most one bf16 rounding of the largest logit in its label term and its logsumexp.
+    bf16_rounding = 2 * 2 * unit_roundoff(torch.bfloat16) * largest_logit
+    assert float((chunked - dense).abs().max()) <= bf16_rounding, (chunked - dense).abs().max()
     assert (dense - fp32).abs().max() > 1e-4
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from tolerance import assert_reordered_close, batch_terms, model_terms
+from transformers import AutoConfig
 
 from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer, prepared, restamp
 from dpo.atomic import is_staging_name
@@ -55,6 +57,14 @@ def config(model: str, data: str, **overrides) -> TrainConfig:
     return TrainConfig(**{"model_path": model, "data_path": data, **overrides})
 
 
+def forward_terms(model_dir: str, split) -> int:
+    """`model_terms` of a no-grad forward (no weight gradient sums positions) over rows as long as the split's
+    longest pair, whatever batches and layouts each side used."""
+    lengths = zip(split["prompt_ids"], split["chosen_ids"], split["rejected_ids"])
+    longest = max(len(p) + len(c) + len(r) for p, c, r in lengths)
+    return model_terms(AutoConfig.from_pretrained(model_dir), positions=0, row_length=longest)
+
+
 def copy_of(inputs, key: str, tmp_path: Path) -> str:
     return str(shutil.copytree(inputs[key], tmp_path / key))
 
@@ -76,8 +86,9 @@ def test_precomputed_equal_the_on_the_fly_reference(inputs, tmp_path, average):
             for start in range(0, len(pairs), 4):
                 batch = collate(pairs[start:start + 4])
                 ref_chosen, ref_rejected = frozen_copy_logps(reference, batch)
-                torch.testing.assert_close(batch.ref_chosen_logps, ref_chosen, rtol=0, atol=1e-5)
-                torch.testing.assert_close(batch.ref_rejected_logps, ref_rejected, rtol=0, atol=1e-5)
+                terms = batch_terms(reference.model, batch)
+                assert_reordered_close(batch.ref_chosen_logps, ref_chosen, terms=terms, msg="chosen")
+                assert_reordered_close(batch.ref_rejected_logps, ref_rejected, terms=terms, msg="rejected")
         check_precomputed(cfg, prepared(cfg), split)
 
 
@@ -213,8 +224,9 @@ def test_two_processes_write_each_pair_once_and_agree_with_one(inputs, tmp_path)
                     "--batch_size", "3"], check=True, env=env, cwd=ROOT, timeout=300)
     for split in ("train", "eval"):
         two, one = load_split(data, split), load_split(inputs["precomputed"], split)
+        terms = forward_terms(inputs["model"], one)
         for column in REF_COLUMNS:
-            torch.testing.assert_close(torch.tensor(two[column]), torch.tensor(one[column]), rtol=0, atol=1e-5)
+            assert_reordered_close(torch.tensor(two[column]), torch.tensor(one[column]), terms=terms, msg=column)
         fingerprint = json.loads((Path(data) / split / FINGERPRINT_FILE).read_text())
         assert fingerprint["num_processes"] == 2
     cfg = config(inputs["model"], data)
@@ -224,12 +236,14 @@ def test_two_processes_write_each_pair_once_and_agree_with_one(inputs, tmp_path)
 @pytest.mark.slow  # FlexAttention compiles its CPU kernels for each shape (~10 s each)
 def test_precompute_with_flex_attention_on_a_cpu_equals_the_dense_path(inputs, tmp_path, capsys):
     """`--attn_implementation flex_attention` serves precompute_ref's no-grad forwards on a CPU: compiled kernels and
-    block masks, values equal to those precomputed with sdpa and dense masks within 1e-4 nats; the log names it."""
+    block masks, values equal to those precomputed with sdpa and dense masks within reordering (tests/tolerance.py);
+    the log names it."""
     data = copy_of(inputs, "data", tmp_path)
     assert main(["--model_path", inputs["model"], "--data_path", data, "--batch_size", "3",
                  "--attn_implementation", "flex_attention"]) == 0
     assert "on flex_attention" in capsys.readouterr().out
     for split in ("train", "eval"):
         flex, dense = load_split(data, split), load_split(inputs["precomputed"], split)
+        terms = forward_terms(inputs["model"], dense)
         for column in REF_COLUMNS:
-            assert torch.allclose(torch.tensor(flex[column]), torch.tensor(dense[column]), atol=1e-4, rtol=0)
+            assert_reordered_close(torch.tensor(flex[column]), torch.tensor(dense[column]), terms=terms, msg=column)

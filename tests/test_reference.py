@@ -10,6 +10,7 @@ import pytest
 import torch
 from lora_builders import make_sft_adapter
 from peft import PeftModel
+from tolerance import assert_reordered_close, batch_terms
 
 from builders import accelerator, frozen_copy_logps, make_data_dir, make_model_dir, make_tokenizer, prepared
 from dpo.config import TrainConfig, load_config
@@ -57,9 +58,11 @@ def test_adapters_disabled_equals_the_base_model(inputs):
     policy.train()
     batch = inputs["batch"]
     ref_chosen, ref_rejected = make_reference("adapters_disabled", cfg, policy=policy).logps(batch)
-    base = sequence_logps(load_causal_lm(inputs["model"]).eval(), batch)
-    torch.testing.assert_close(ref_chosen, base.chosen_logps, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ref_rejected, base.rejected_logps, rtol=0, atol=1e-5)
+    base_model = load_causal_lm(inputs["model"]).eval()
+    base = sequence_logps(base_model, batch)
+    terms = batch_terms(base_model, batch)
+    assert_reordered_close(ref_chosen, base.chosen_logps, terms=terms, msg="chosen")
+    assert_reordered_close(ref_rejected, base.rejected_logps, terms=terms, msg="rejected")
     # The adapters are back on afterwards, and they matter: the policy itself is a different model.
     assert policy.training
     adapted = sequence_logps(policy, batch)
@@ -69,7 +72,8 @@ def test_adapters_disabled_equals_the_base_model(inputs):
 def test_sft_adapter_is_part_of_the_reference_and_the_bare_base_differs(inputs):
     cfg = config(inputs, lora=True, lora_r=4, lora_adapter_path=inputs["sft"])
     batch = inputs["batch"]
-    expected = sequence_logps(base_plus_sft(inputs), batch)
+    base = base_plus_sft(inputs)
+    expected, terms = sequence_logps(base, batch), batch_terms(base, batch)
     policy = load_policy(cfg)
     perturb_lora(policy, seed=4)  # the fresh DPO adapter must not leak into the reference either
     by_strategy = {
@@ -77,8 +81,8 @@ def test_sft_adapter_is_part_of_the_reference_and_the_bare_base_differs(inputs):
         "model": frozen_copy_logps(build_reference("model", cfg, accelerator()), batch),
     }
     for kind, (ref_chosen, ref_rejected) in by_strategy.items():
-        torch.testing.assert_close(ref_chosen, expected.chosen_logps, rtol=0, atol=1e-5, msg=kind)
-        torch.testing.assert_close(ref_rejected, expected.rejected_logps, rtol=0, atol=1e-5, msg=kind)
+        assert_reordered_close(ref_chosen, expected.chosen_logps, terms=terms, msg=kind)
+        assert_reordered_close(ref_rejected, expected.rejected_logps, terms=terms, msg=kind)
     bare = sequence_logps(load_causal_lm(inputs["model"]).eval(), batch)
     assert (bare.chosen_logps - expected.chosen_logps).abs().min() > 1e-2  # every pair would get a wrong reference
 
@@ -91,7 +95,8 @@ def test_frozen_copy_is_frozen_in_the_policy_dtype(inputs):
     assert not reference.model.training
     assert not any(p.requires_grad for p in reference.model.parameters())
     ref_chosen, _ = frozen_copy_logps(reference, inputs["batch"])
-    torch.testing.assert_close(ref_chosen, sequence_logps(policy, inputs["batch"]).chosen_logps, rtol=0, atol=1e-6)
+    assert_reordered_close(ref_chosen, sequence_logps(policy, inputs["batch"]).chosen_logps,
+                           terms=batch_terms(policy, inputs["batch"]), msg="frozen copy vs the policy")
     missing = config(inputs, ref_model_path=str(Path(inputs["model"]).parent / "no_such_model"))
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         build_reference("model", missing, accelerator())

@@ -59,3 +59,20 @@ def model_terms(config: object, *, positions: int, row_length: int) -> int:
     width = getattr(config, "intermediate_size", None) or 4 * hidden
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
     return positions + getattr(config, "vocab_size") + hidden + layers * (hidden + width + row_length)
+
+
+def batch_terms(model: torch.nn.Module, batch: object) -> int:
+    """`model_terms` of a model's config on a collated batch (`input_ids` [rows, T]): every position of the batch
+    can add into a weight's gradient, and a row's positions are what attention sums over."""
+    input_ids = getattr(batch, "input_ids")
+    return model_terms(model.config, positions=input_ids.numel(), row_length=input_ids.shape[-1])
+
+
+def assert_scalars_reordered_close(actual: float, expected: float, *, terms: int, scale: float = 0.0,
+                                   dtype: torch.dtype = torch.float32, msg: str = "") -> None:
+    """One logged value (a loss, a reward, a metric) of two runs whose sums went in another order:
+    |actual - expected| <= 2 gamma_n (|expected| + scale)."""
+    allowed = reordered_sum_rtol(dtype, terms) * (abs(expected) + scale)
+    assert abs(actual - expected) <= allowed, (
+        f"{msg}: {actual} vs {expected} differ by {abs(actual - expected):.3g}, beyond reordering "
+        f"({allowed:.3g}: {terms} terms summed)")
