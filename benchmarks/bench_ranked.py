@@ -27,7 +27,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_throughput import MODEL_SHAPE, REPO_ROOT, TextGenerator, model_shape, summarize
+from benchmarks.bench_throughput import (
+    MODEL_SHAPE,
+    TextGenerator,
+    model_shape,
+    row_in_fresh_process,
+    summarize,
+)
 from benchmarks.measure import hardware, peak_memory_mb, sync_device
 from demo.tiny import build_model, build_tokenizer
 
@@ -220,15 +225,7 @@ def run_trl(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_row_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    out_file = Path(args.workdir) / f"row-{name.replace('/', '_')}.json"
-    out_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.bench_ranked", "--_row", name, "--_row_output", str(out_file),
-           *args.passthrough]
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
-    if proc.returncode != 0 or not out_file.is_file():
-        return {"error": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}"}
-    return json.loads(out_file.read_text())
+    return row_in_fresh_process("benchmarks.bench_ranked", name, name, args)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

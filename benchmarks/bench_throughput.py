@@ -396,12 +396,16 @@ def nominal_flops_per_token(row: Row, parameters: int) -> float:
 
 
 def run_row_in_subprocess(row: Row, args: argparse.Namespace) -> dict[str, Any]:
-    """A fresh interpreter per row, so each peak memory is that row's alone. It finds this module from any working
-    directory: the repo root goes first on its PYTHONPATH (benchmarks/ and demo/ are not installed)."""
-    out_file = Path(args.workdir) / f"row-{row.name.replace('/', '_')}.json"
+    return row_in_fresh_process("benchmarks.bench_throughput", json.dumps(asdict(row)), row.name, args)
+
+
+def row_in_fresh_process(module: str, row_arg: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Row `name` of benchmark `module` in a fresh interpreter, so each peak memory is that row's alone (`row_arg`
+    names the row to `--_row`; `args.workdir` and `args.passthrough` are the benchmark's). It finds the module from
+    any working directory: the repo root goes first on its PYTHONPATH (benchmarks/ and demo/ are not installed)."""
+    out_file = Path(args.workdir) / f"row-{name.replace('/', '_')}.json"
     out_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.bench_throughput", "--_row", json.dumps(asdict(row)),
-           "--_row_output", str(out_file), *args.passthrough]
+    cmd = [sys.executable, "-m", module, "--_row", row_arg, "--_row_output", str(out_file), *args.passthrough]
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
     if proc.returncode != 0 or not out_file.is_file():
