@@ -71,7 +71,7 @@ COVERAGE: dict[str, str] = {
     "python -m data_prep --input data/my_ranked.jsonl --tokenizer path/to/sft_model --output data/ranked": "ranked",
     "python -m dpo.train --config recipes/full_small.yaml --model_path path/to/sft_model --data_path data/ranked "
     "--output_dir runs/my_listwise --listwise_loss plackett_luce": "ranked",
-    "python -m benchmarks.bench_ranked --vs-trl --threads 1 --output bench_results/bench_ranked.json": "bench_ranked",
+    "python -m benchmarks.bench_ranked --vs-trl --output bench_results/bench_ranked.json": "bench_ranked",
 }
 # Training commands, reduced: two optimizer steps of two pairs, no intermediate evaluation or checkpoint.
 REDUCED_TRAINING = " --max_steps 2 --batch_size 2 --gradient_accumulation_steps 1 --eval_steps 0 --save_steps 0 " \
