@@ -172,7 +172,9 @@ def tokenize_pairs(
     kept: list[TokenizedPair] = []
     with tqdm(total=len(pairs), desc=desc, unit="pair", disable=None) as progress:
         if num_proc > 1 and len(chunks) > 1:
-            context = multiprocessing.get_context("fork")
+            # Not fork: forked from a threaded process (torch, a trainer preparing its recipe data), a worker can
+            # inherit a lock another thread held and hang (seen in CI inside dpo.train).
+            context = multiprocessing.get_context("forkserver")
             with context.Pool(min(num_proc, len(chunks)), _init_worker, (pair_tokenizer,)) as pool:
                 results: Iterator[list[TokenizedPair | BadRecord]] = pool.imap(_tokenize_chunk, chunks)
                 _collect(results, kept, skips, progress)
