@@ -37,9 +37,11 @@ import torch
 from benchmarks.bench_throughput import (
     MODEL_SHAPE,
     TextGenerator,
+    in_order_dpo_trainer,
     model_shape,
     row_in_fresh_process,
     summarize,
+    trl_step_timer,
 )
 from benchmarks.measure import hardware, peak_memory_mb, sync_device
 from demo.tiny import build_model, build_tokenizer
@@ -158,9 +160,8 @@ def run_trl(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """TRL's DPOTrainer on the expanded pairs, same model, in order, checkpointing off (bench_throughput's way)."""
     import datasets
     import trl
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
 
     records = json.loads((Path(args.workdir) / "records.json").read_text())
     texts = json.loads((Path(args.workdir) / "texts.json").read_text())
@@ -176,24 +177,6 @@ def run_trl(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             pairs += expanded_pairs(record)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.cpu: list[float] = []
-
-        def on_step_begin(self, *a: Any, **k: Any) -> None:
-            sync_device(device)
-            self.start, self.start_cpu = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            sync_device(device)
-            self.times.append(time.perf_counter() - self.start)
-            self.cpu.append(time.process_time() - self.start_cpu)
-
-    class InOrder(DPOTrainer):
-        def _get_train_sampler(self, *a: Any, **k: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)
-
     per_step = (NUM_ANSWERS - 1) * args.prompts_per_step
     config = DPOConfig(output_dir=str(Path(args.workdir) / "trl_out"), per_device_train_batch_size=per_step,
                        max_steps=len(groups), learning_rate=5e-6, lr_scheduler_type="constant", weight_decay=0.0,
@@ -205,9 +188,11 @@ def run_trl(meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     def load() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(meta["model_dir"], dtype=torch.float32)
 
-    timer = Timer()
-    trainer = InOrder(model=load(), ref_model=load(), args=config, train_dataset=datasets.Dataset.from_list(rows),
-                      processing_class=AutoTokenizer.from_pretrained(meta["model_dir"]), callbacks=[timer])
+    timer = trl_step_timer(device)
+    tokenizer = AutoTokenizer.from_pretrained(meta["model_dir"])
+    trainer = in_order_dpo_trainer()(model=load(), ref_model=load(), args=config,
+                                     train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                                     callbacks=[timer])
     same = all(trainer.train_dataset[j][key] == pairs[j][key] for j in range(len(pairs))
                for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
     if not same:

@@ -311,26 +311,11 @@ def run_dpo_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
 # ------------------------------------------------------------------------------------------------------ TRL
 
 
-def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """TRL's DPOTrainer on the same model, tokens, batches (in order) and precision; checkpointing off."""
-    # Imported here for the reason given in run_dpo_row; trl is an optional dependency besides.
-    import datasets
-    import trl
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def trl_step_timer(device: str) -> Any:
+    """A TrainerCallback recording each TRL step's wall-clock and CPU seconds (`times`, `cpu`), device synced."""
+    from transformers import TrainerCallback
 
-    records = json.loads((Path(args.workdir) / "records.json").read_text())
-    pairs = json.loads((Path(args.workdir) / "pairs.json").read_text())
-    count = args.warmup + args.steps
-    order = [(k * args.batch_size + i) % len(records) for k in range(count) for i in range(args.batch_size)]
-    dataset = datasets.Dataset.from_list([records[i] for i in order])
-    tokenizer = AutoTokenizer.from_pretrained(meta["model_dir"])
-
-    def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(meta["model_dir"], dtype=torch.float32)
-
-    class Timer(TrainerCallback):
+    class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
             self.cpu: list[float] = []
@@ -344,9 +329,38 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
             self.times.append(time.perf_counter() - self.start)
             self.cpu.append(time.process_time() - self.start_cpu)
 
-    class InOrder(DPOTrainer):  # the same batches in the same order as our rows
+    return StepTimer()
+
+
+def in_order_dpo_trainer() -> type:
+    """TRL's DPOTrainer reading its dataset in order: the same batches, in the same order, as our rows."""
+    from torch.utils.data import SequentialSampler
+    from trl import DPOTrainer
+
+    class InOrder(DPOTrainer):
         def _get_train_sampler(self, *a: Any, **k: Any) -> SequentialSampler:
             return SequentialSampler(self.train_dataset)
+
+    return InOrder
+
+
+def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's DPOTrainer on the same model, tokens, batches (in order) and precision; checkpointing off."""
+    # Imported here for the reason given in run_dpo_row; trl is an optional dependency besides.
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    records = json.loads((Path(args.workdir) / "records.json").read_text())
+    pairs = json.loads((Path(args.workdir) / "pairs.json").read_text())
+    count = args.warmup + args.steps
+    order = [(k * args.batch_size + i) % len(records) for k in range(count) for i in range(args.batch_size)]
+    dataset = datasets.Dataset.from_list([records[i] for i in order])
+    tokenizer = AutoTokenizer.from_pretrained(meta["model_dir"])
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(meta["model_dir"], dtype=torch.float32)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = DPOConfig(
@@ -356,10 +370,10 @@ def run_trl_row(row: Row, meta: dict[str, Any], args: argparse.Namespace) -> dic
         bf16=row.precision == "bf16", use_cpu=device == "cpu", report_to=[], save_strategy="no", logging_steps=1,
         dataloader_num_workers=0, seed=args.seed, precompute_ref_log_probs=False, disable_tqdm=True,
     )
-    timer = Timer()
+    timer = trl_step_timer(device)
     rates = matmul_rates(device, args.matmul_size, repeats=3)
-    trainer = InOrder(model=load(), ref_model=load(), args=config, train_dataset=dataset, processing_class=tokenizer,
-                      callbacks=[timer])
+    trainer = in_order_dpo_trainer()(model=load(), ref_model=load(), args=config, train_dataset=dataset,
+                                     processing_class=tokenizer, callbacks=[timer])
     prepared = trainer.train_dataset
     same = all(prepared[j][key] == pairs[i][key] for j, i in enumerate(order)
                for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
