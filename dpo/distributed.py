@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from dpo.errors import EXIT_PREEMPTED
 
 
 def quiet_deepspeed_accelerator_probe() -> None:
@@ -129,6 +133,23 @@ def deepspeed_all_to_all() -> Any:
         return _dim_zero_all_to_all(group, tensor)
 
     return all_to_all
+
+
+def release_process_groups(exit_code: int) -> None:
+    """At the end of a process that ran distributed, while the interpreter is still whole: every process group
+    destroyed and the last references to them dropped (DeepSpeed's all-to-all registry keeps the sequence-parallel
+    groups). Left to the interpreter's own teardown, a gloo group's worker threads can outlive it and abort the
+    process ("terminate called without an active exception", pytorch/pytorch#179291), which would turn a finished
+    run's exit status into 134. Only after a run that ended together (0, or 75 after the preemption barrier): a rank
+    leaving on an error must not wait for the others in a collective teardown."""
+    ended_together = exit_code in (0, EXIT_PREEMPTED)
+    if not ended_together or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    registry = sys.modules.get("deepspeed.sequence.layer")
+    if registry is not None:
+        registry._all_to_all_groups.clear()
+    torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 def deepspeed_checkpoint_globals() -> list[Any]:

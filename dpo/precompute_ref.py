@@ -41,7 +41,7 @@ from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.config_help import format_help, wants_help
 from dpo.contract import REF_COLUMNS, SPLITS, check_data_contract
 from dpo.data import eval_micro_batches, load_split
-from dpo.distributed import build_accelerator
+from dpo.distributed import build_accelerator, release_process_groups
 from dpo.errors import UserError, run_cli
 from dpo.layouts import check_split_rows, choose_run_layout, data_shape
 from dpo.listwise_step import is_ranked, make_run_collate, ranked_layout
@@ -226,4 +226,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    code = main()
+    release_process_groups(code)
+    sys.exit(code)

@@ -32,7 +32,7 @@ from dpo.config import TrainConfig, config_to_dict, load_config, save_config
 from dpo.config_help import format_help, wants_help
 from dpo.contract import check_data_contract
 from dpo.data import PreferenceBatch, load_split, optimizer_steps_per_epoch, train_micro_batches
-from dpo.distributed import build_accelerator
+from dpo.distributed import build_accelerator, release_process_groups
 from dpo.errors import TrainingDiverged, UserError, run_cli
 from dpo.evaluation import eval_plan, eval_summary
 from dpo.guard import DivergenceGuard
@@ -475,4 +475,6 @@ def update_early_stopping(state: ckpt.TrainerState, metrics: dict[str, float], c
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    code = main()
+    release_process_groups(code)
+    sys.exit(code)

@@ -11,9 +11,11 @@ equality (2 processes at sequence_parallel_size 2 against 1 process, 5 steps) is
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
+import sys
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch.multiprocessing as mp
 
 from dpo.attention import mask_form as attention_mask_form
 from dpo.data import collate_packed, collate_padded
+from dpo.distributed import release_process_groups
 from dpo.errors import UserError
 from dpo.layouts import PACKED, PACKED_SHARED, PADDED, SHARED, make_collate
 from dpo.logprobs import sequence_logps
@@ -136,11 +139,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _join(rank: int, world: int) -> None:
+    """A spawned worker's start: gloo, and faulthandler on, so a native abort prints every thread's Python stack
+    into the test's captured output instead of only "terminate called ..."."""
+    faulthandler.enable(all_threads=True)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _leave() -> None:
+    """A spawned worker's end, once its results are on disk: the ranks leave together, the groups are released as
+    `dpo.train` releases them, and the process exits without the interpreter's teardown, where a gloo group's
+    threads can still abort it (pytorch/pytorch#179291; seen once in CI as SIGABRT after the results were
+    written). What the tests check is in the files."""
+    torch.distributed.barrier()
+    release_process_groups(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, world: int, port: int, family: str, implementation: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world)
     from dpo import sequence_parallel as sp
 
     model = model_zoo.build(family)
@@ -184,7 +206,7 @@ def _worker(rank: int, world: int, port: int, family: str, implementation: str, 
     finally:
         restore()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.distributed
@@ -236,7 +258,7 @@ def _deepspeed_ulysses_worker(rank: int, world: int, port: int, out_dir: str) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world)
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
     from dpo import sequence_parallel as sp
@@ -265,7 +287,7 @@ def _deepspeed_ulysses_worker(rank: int, world: int, port: int, out_dir: str) ->
             mpu._release_sequence_parallel_groups()
             ALL_ATTENTION_FUNCTIONS._local_mapping.pop("sdpa", None)
     torch.save(gaps, os.path.join(out_dir, f"ds{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.distributed
@@ -301,7 +323,7 @@ def _split_check_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world)
     from dpo import sequence_parallel as sp
     from dpo.layouts import LayoutChoice, check_split_rows
 
@@ -322,7 +344,7 @@ def _split_check_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         ALL_ATTENTION_FUNCTIONS._local_mapping.pop("eager", None)  # a passing check leaves the split installed
     (Path(out_dir) / f"check{rank}.json").write_text(json.dumps(outcome))
-    torch.distributed.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.distributed
