@@ -196,6 +196,52 @@ def pack_first_fit(lengths: list[int], *, bound: int) -> list[list[int]]:
     return [sorted(members) for members in rows]
 
 
+@dataclass
+class RowPart:
+    """A run of consecutive tokens of one row: a whole sequence (padded, packed layouts), or a shared prompt or one
+    answer branch (prefix sharing)."""
+
+    tokens: list[int]
+    first_position: int  # position id of its first token
+    segment: int  # the pair, group or sequence it belongs to: the mask keeps segments apart
+    branch: int  # dpo.masks' branch code (SHARED, CHOSEN, REJECTED, or an answer index of a k-answer group)
+    seq: int  # the sequence its predictions score; -1: none (a shared prompt)
+    scored_from: int = 0  # index in `tokens` of the first token whose prediction is scored (its predictor)
+
+
+def fill_rows(rows: list[list[RowPart]], *, pad_token_id: int, continue_positions: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, position_ids, target_ids, target_seq, segment, branch [R, T] of rows of parts, right-padded to
+    the widest row: padding holds the pad id, segment -1 and branch PAD, is never scored, and either continues the
+    last part's positions (`continue_positions`, the packed layout's rule) or has position 0. Each token of a scored
+    part predicts the next one of the same part."""
+    width = max(sum(len(p.tokens) for p in parts) for parts in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    target_ids = torch.zeros(shape, dtype=torch.long)
+    target_seq = torch.full(shape, -1, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    branch = torch.full(shape, PAD, dtype=torch.long)
+    for r, parts in enumerate(rows):
+        offset = 0
+        for part in parts:
+            n = len(part.tokens)
+            span = slice(offset, offset + n)
+            input_ids[r, span] = torch.tensor(part.tokens, dtype=torch.long)
+            position_ids[r, span] = torch.arange(part.first_position, part.first_position + n)
+            segment[r, span] = part.segment
+            branch[r, span] = part.branch
+            if part.seq >= 0 and n > 1:
+                target_ids[r, offset:offset + n - 1] = torch.tensor(part.tokens[1:], dtype=torch.long)
+                target_seq[r, offset + part.scored_from:offset + n - 1] = part.seq
+            offset += n
+        if continue_positions and 0 < offset < width:
+            last = int(position_ids[r, offset - 1])
+            position_ids[r, offset:] = torch.arange(last + 1, last + 1 + width - offset)
+    return input_ids, position_ids, target_ids, target_seq, segment, branch
+
+
 def collate_padded(pairs: list[dict[str, Any]], *, pad_token_id: int, weights: list[float] | None = None
                    ) -> PreferenceBatch:
     """[chosen; rejected] as 2B right-padded rows.
@@ -251,27 +297,9 @@ def collate_packed(pairs: list[dict[str, Any]], *, pad_token_id: int, max_tokens
     seqs, prompt_lens = sequences_of(pairs)
     bound = min(max_tokens_per_row, max(len(s) for s in seqs))
     rows = pack_first_fit([len(s) for s in seqs], bound=bound)
-    width = max(sum(len(seqs[s]) for s in members) for members in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    target_ids = torch.zeros(shape, dtype=torch.long)
-    target_seq = torch.full(shape, -1, dtype=torch.long)
-    segment = torch.full(shape, -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        offset = 0
-        for s in members:
-            seq, n, plen = seqs[s], len(seqs[s]), prompt_lens[s]
-            input_ids[r, offset:offset + n] = torch.tensor(seq)
-            position_ids[r, offset:offset + n] = torch.arange(n)
-            target_ids[r, offset:offset + n - 1] = input_ids[r, offset + 1:offset + n]
-            target_seq[r, offset + plen - 1:offset + n - 1] = s
-            segment[r, offset:offset + n] = s
-            offset += n
-        if offset < width:  # padding continues the positions of the last sequence
-            last = int(position_ids[r, offset - 1])
-            position_ids[r, offset:] = torch.arange(last + 1, last + 1 + width - offset)
-    branch = torch.where(segment >= 0, SHARED, PAD)
+    parts = [[RowPart(seqs[s], 0, s, SHARED, s, prompt_lens[s] - 1) for s in members] for members in rows]
+    input_ids, position_ids, target_ids, target_seq, segment, branch = fill_rows(
+        parts, pad_token_id=pad_token_id, continue_positions=True)
     attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec(), form=mask_form)
     ref_chosen, ref_rejected = ref_logps_of(pairs)
     return PreferenceBatch(

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from dpo.data import PreferenceBatch, pack_first_fit, ref_logps_of, useful_tokens
-from dpo.masks import CHOSEN, PAD, REJECTED, SHARED, AttentionSpec, build_attention_mask
+from dpo.data import PreferenceBatch, RowPart, fill_rows, pack_first_fit, ref_logps_of, useful_tokens
+from dpo.masks import CHOSEN, REJECTED, SHARED, AttentionSpec, build_attention_mask
 
 
 def shared_length(pair: dict[str, Any]) -> int:
@@ -70,35 +70,18 @@ def collate_prefix_shared(pairs: list[dict[str, Any]], *, pad_token_id: int, max
     # rows only add attention work, while first-fit packing up to that width already removes most of the padding.
     bound = min(max_tokens_per_row, max(lengths))
     rows = pack_first_fit(lengths, bound=bound) if packed else [[i] for i in range(len(pairs))]
-    width = max(sum(lengths[i] for i in members) for members in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    target_ids = torch.zeros(shape, dtype=torch.long)
-    target_seq = torch.full(shape, -1, dtype=torch.long)
-    segment = torch.full(shape, -1, dtype=torch.long)  # which pair slot of the row a position belongs to
-    branch = torch.full(shape, PAD, dtype=torch.long)
-    for r, members in enumerate(rows):
-        offset = 0
+    parts = []
+    for members in rows:
+        row = []
         for slot, i in enumerate(members):
             prompt, chosen, rejected = (list(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
             p = len(prompt)
-            parts = [  # (tokens, first position id, branch code, sequence scored by the predictions)
-                (prompt[:-1], 0, SHARED, -1),
-                (prompt[-1:] + chosen, p - 1, CHOSEN, i),
-                (prompt[-1:] + rejected, p - 1, REJECTED, num_pairs + i),
-            ]
-            for tokens, first_pos, code, seq in parts:
-                n = len(tokens)
-                span = slice(offset, offset + n)
-                input_ids[r, span] = torch.tensor(tokens, dtype=torch.long)
-                position_ids[r, span] = torch.arange(first_pos, first_pos + n)
-                segment[r, span] = slot
-                branch[r, span] = code
-                if seq >= 0 and n > 1:  # each branch token predicts the next token of the same branch
-                    target_ids[r, offset:offset + n - 1] = torch.tensor(tokens[1:], dtype=torch.long)
-                    target_seq[r, offset:offset + n - 1] = seq
-                offset += n
+            row += [RowPart(prompt[:-1], 0, slot, SHARED, -1),  # each branch token predicts the next of its branch
+                    RowPart(prompt[-1:] + chosen, p - 1, slot, CHOSEN, i),
+                    RowPart(prompt[-1:] + rejected, p - 1, slot, REJECTED, num_pairs + i)]
+        parts.append(row)
+    input_ids, position_ids, target_ids, target_seq, segment, branch = fill_rows(
+        parts, pad_token_id=pad_token_id, continue_positions=False)
     if mask_form == "varlen":
         raise ValueError("prefix sharing needs a custom mask; a varlen kernel (FlashAttention) cannot take one")
     attention_mask = build_attention_mask(segment, branch, position_ids, attention or AttentionSpec(), form=mask_form)

@@ -26,8 +26,8 @@ from typing import Any
 import pyarrow.compute as pc
 import torch
 
-from dpo.data import PreferenceBatch, pack_first_fit
-from dpo.masks import PAD, SHARED, AttentionSpec, SegmentMask, build_attention_mask
+from dpo.data import PreferenceBatch, RowPart, fill_rows, pack_first_fit
+from dpo.masks import SHARED, AttentionSpec, SegmentMask, build_attention_mask
 
 RANKED_COLUMNS = ("responses_ids", "scores")
 REF_ANSWER_COLUMN = "ref_logps"  # dpo.precompute_ref: one reference log-prob per answer, input order
@@ -102,46 +102,6 @@ class RankedBatch(PreferenceBatch):
 
 def _move(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
     return None if t is None else t.to(device, non_blocking=True)
-
-
-@dataclass
-class _Part:
-    tokens: list[int]
-    first_position: int
-    segment: int
-    branch: int
-    seq: int  # the sequence its predictions score; -1: none (a shared prompt)
-    scored_from: int = 0  # index in `tokens` of the first token whose prediction is scored (its predictor)
-
-
-def _fill(rows: list[list[_Part]], *, pad_token_id: int, continue_positions: bool
-          ) -> tuple[torch.Tensor, ...]:
-    """input_ids, position_ids, target_ids, target_seq, segment, branch [R, T] of rows of parts."""
-    width = max(sum(len(p.tokens) for p in parts) for parts in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    target_ids = torch.zeros(shape, dtype=torch.long)
-    target_seq = torch.full(shape, -1, dtype=torch.long)
-    segment = torch.full(shape, -1, dtype=torch.long)
-    branch = torch.full(shape, PAD, dtype=torch.long)
-    for r, parts in enumerate(rows):
-        offset = 0
-        for part in parts:
-            n = len(part.tokens)
-            span = slice(offset, offset + n)
-            input_ids[r, span] = torch.tensor(part.tokens, dtype=torch.long)
-            position_ids[r, span] = torch.arange(part.first_position, part.first_position + n)
-            segment[r, span] = part.segment
-            branch[r, span] = part.branch
-            if part.seq >= 0 and n > 1:  # each token predicts the next one of its part; scored from `scored_from`
-                target_ids[r, offset:offset + n - 1] = torch.tensor(part.tokens[1:], dtype=torch.long)
-                target_seq[r, offset + part.scored_from:offset + n - 1] = part.seq
-            offset += n
-        if continue_positions and 0 < offset < width:  # as dpo.data.collate_packed: padding continues positions
-            last = int(position_ids[r, offset - 1])
-            position_ids[r, offset:] = torch.arange(last + 1, last + 1 + width - offset)
-    return input_ids, position_ids, target_ids, target_seq, segment, branch
 
 
 def _sequences(groups: list[RankedGroup], num_answers: int) -> list[tuple[int, list[int], int]]:
@@ -221,11 +181,11 @@ def _shared(groups: list[RankedGroup], num_answers: int, *, packed: bool, pad_to
         row = []
         for slot, i in enumerate(members):
             g, p = groups[i], len(groups[i].prompt)
-            row.append(_Part(g.prompt[:-1], 0, slot, SHARED, -1))
-            row += [_Part(g.prompt[-1:] + a, p - 1, slot, SHARED + 1 + b, b * len(groups) + i)
+            row.append(RowPart(g.prompt[:-1], 0, slot, SHARED, -1))
+            row += [RowPart(g.prompt[-1:] + a, p - 1, slot, SHARED + 1 + b, b * len(groups) + i)
                     for b, a in enumerate(g.answers)]
         parts.append(row)
-    input_ids, position_ids, target_ids, target_seq, segment, branch = _fill(
+    input_ids, position_ids, target_ids, target_seq, segment, branch = fill_rows(
         parts, pad_token_id=pad_token_id, continue_positions=False)
     mask = build_attention_mask(segment, branch, position_ids, spec, form=mask_form)
     return (input_ids, position_ids, target_ids, target_seq), mask
@@ -238,11 +198,10 @@ def _packed(groups: list[RankedGroup], num_answers: int, *, pad_token_id: int, m
     seqs = _sequences(groups, num_answers)
     bound = min(max_tokens_per_row, max(len(s) for _, s, _ in seqs))
     rows = pack_first_fit([len(s) for _, s, _ in seqs], bound=bound)
-    parts = [[_Part(seqs[m][1], 0, seqs[m][0], SHARED, seqs[m][0], seqs[m][2] - 1) for m in members]
+    parts = [[RowPart(seqs[m][1], 0, seqs[m][0], SHARED, seqs[m][0], seqs[m][2] - 1) for m in members]
              for members in rows]
-    input_ids, position_ids, target_ids, target_seq, segment, branch = _fill(
+    input_ids, position_ids, target_ids, target_seq, segment, branch = fill_rows(
         parts, pad_token_id=pad_token_id, continue_positions=True)
-    branch = torch.where(segment >= 0, SHARED, PAD)
     mask = build_attention_mask(segment, branch, position_ids, spec, form=mask_form)
     return (input_ids, position_ids, target_ids, target_seq), mask
 
@@ -250,9 +209,9 @@ def _packed(groups: list[RankedGroup], num_answers: int, *, pad_token_id: int, m
 def _padded(groups: list[RankedGroup], num_answers: int, *, pad_token_id: int) -> tuple[Tensors, torch.Tensor]:
     """`dpo.data.collate_padded`'s layout: one right-padded row per prompt + answer, a [R, T] 2D mask."""
     seqs = _sequences(groups, num_answers)
-    parts = [[_Part(s, 0, 0, SHARED, index, plen - 1)] for index, s, plen in seqs]
-    input_ids, _, target_ids, target_seq, segment, _ = _fill(parts, pad_token_id=pad_token_id,
-                                                             continue_positions=False)
+    parts = [[RowPart(s, 0, 0, SHARED, index, plen - 1)] for index, s, plen in seqs]
+    input_ids, _, target_ids, target_seq, segment, _ = fill_rows(parts, pad_token_id=pad_token_id,
+                                                                 continue_positions=False)
     attention_mask = (segment >= 0).long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return (input_ids, position_ids, target_ids, target_seq), attention_mask

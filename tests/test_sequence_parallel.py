@@ -149,8 +149,9 @@ def _join(rank: int, world: int) -> None:
 def _leave() -> None:
     """A spawned worker's end, once its results are on disk: the ranks leave together, the groups are released as
     `dpo.train` releases them, and the process exits without the interpreter's teardown, where a gloo group's
-    threads can still abort it (pytorch/pytorch#179291; seen once in CI as SIGABRT after the results were
-    written). What the tests check is in the files."""
+    threads can still abort it (pytorch/pytorch#179291; one worker of this file died once in CI with SIGABRT,
+    "terminate called without an active exception", on an otherwise green run). What the tests check is in the
+    files."""
     torch.distributed.barrier()
     release_process_groups(0)
     sys.stdout.flush()
