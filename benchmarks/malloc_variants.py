@@ -8,6 +8,10 @@ The rows of bench_throughput and bench_memory call `apply_setting()` where dpo.t
 without BENCH_MALLOC (or with `default`) that is exactly what they do. The others, each measured in the README
 ("Host memory against speed"):
 
+- `glibc`: glibc's own threshold, nothing else (what `MALLOC_MMAP_THRESHOLD_` unset and no `dpo/host_memory.py`
+  would give)
+- `trim_optimizer`: glibc's own threshold; `malloc_trim(0)` before the optimizer step only (the backward's freed
+  activations go back to the OS; the forward's temporaries stay in the heap for the backward to reuse)
 - `trim_steps`: glibc's own threshold; `malloc_trim(0)` when the policy's forward ends and before the optimizer step
   (the two moments after which the heap holds the most freed memory: the forward's temporaries, the backward's
   activations)
@@ -35,8 +39,8 @@ import torch
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8  # glibc's <malloc.h>
 LOW, HIGH = 1 << 20, 32 << 20  # dpo/host_memory.py's threshold; the highest glibc reaches on its own
-SETTINGS = ("default", "trim_steps", "trim_layers", "trim_forward", "policy_only", "backward_only", "head_only",
-            "arena1", "top_pad")
+SETTINGS = ("default", "glibc", "trim_optimizer", "trim_steps", "trim_layers", "trim_forward", "policy_only",
+            "backward_only", "head_only", "arena1", "top_pad")
 
 
 def _libc() -> Any:
@@ -106,7 +110,9 @@ def apply_setting(name: str | None = None) -> str:
     def threshold(value: int) -> Callable[[], None]:
         return lambda: libc.mallopt(M_MMAP_THRESHOLD, value)
 
-    if name.startswith("trim_"):
+    if name == "trim_optimizer":
+        _before_optimizer_step(trim)
+    elif name.startswith("trim_"):
         _on_policy_forward(start=trim if name == "trim_forward" else None, end=trim)
         _before_optimizer_step(trim)
         if name == "trim_layers":
