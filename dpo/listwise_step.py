@@ -52,7 +52,13 @@ def check_ranked_run(cfg: Any) -> None:
     if cfg.ld_alpha is not None:
         raise UserError("ld_alpha (LD-DPO) cuts both answers of a pair at the shorter one's length; it is not defined "
                         "for listwise objectives: drop it or use pairwise data without listwise_loss")
-    if cfg.sequence_parallel_size > 1:  # the split and its group-summed log-probs are built for pairs only
+    check_unsplit(cfg)
+
+
+def check_unsplit(cfg: Any) -> None:
+    """k-answer rows are not split: the split and its group-summed log-probs are built for pairs only (training and
+    precompute_ref refuse the same way)."""
+    if cfg.sequence_parallel_size > 1:
         raise UserError(f"sequence_parallel_size {cfg.sequence_parallel_size} with k-answer data (or listwise_loss) "
                         f"is not supported yet: use sequence_parallel_size 1")
 

@@ -44,7 +44,7 @@ from dpo.data import eval_micro_batches, load_split
 from dpo.distributed import build_accelerator, release_process_groups
 from dpo.errors import UserError, run_cli
 from dpo.layouts import check_split_rows, choose_run_layout, data_shape
-from dpo.listwise_step import is_ranked, make_run_collate, ranked_layout
+from dpo.listwise_step import check_unsplit, is_ranked, make_run_collate, ranked_layout
 from dpo.models import load_tokenizer
 from dpo.progress import quiet_library_progress
 from dpo.ranked_batch import REF_ANSWER_COLUMN, RankedBatch
@@ -152,6 +152,8 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     missing = [s for s in splits if s not in data.splits]
     if missing:
         raise UserError(f"{cfg.data_path}/{missing[0]}: missing; run data_prep first")
+    if is_ranked(replace(cfg, listwise_loss=None), *data.splits.values()):  # before any model is loaded
+        check_unsplit(cfg)
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reference = build_reference("model", cfg, accelerator)  # exactly training's on-the-fly reference
@@ -163,9 +165,6 @@ def precompute(cfg: TrainConfig, splits: list[str]) -> dict[str, dict[str, Any]]
     log(choice.message.replace("[dpo]", "[precompute_ref]", 1))
     collate = make_run_collate(choice, replace(cfg, listwise_loss=None), pad_token_id=pad_id,
                                datasets_=tuple(data.splits[s] for s in splits))  # k answers when the data has them
-    if cfg.sequence_parallel_size > 1 and is_ranked(replace(cfg, listwise_loss=None), *data.splits.values()):
-        raise UserError(f"sequence_parallel_size {cfg.sequence_parallel_size} with k-answer data is not supported "
-                        f"yet: use sequence_parallel_size 1")
     sequence_group = sp.setup(cfg.sequence_parallel_size)
     if sequence_group is not None:  # after the layout probe (whole rows); split rows checked against them
         log(check_split_rows([reference.model], choice, cfg, accelerator, group=sequence_group,
