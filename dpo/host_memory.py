@@ -18,7 +18,7 @@ each decoder layer's backward or the forward's start (2,795 MB), the 1 MiB thres
 only in the backward, or only around the LM head (2,796-2,830 MB: glibc serves a request from free heap chunks
 before it looks at the threshold, so the backward refaults what was trimmed), one malloc arena (3,219 MB), a 64 MiB
 trim threshold and top pad (2,663 MB, 0.401x, 7% fewer faults), fixed thresholds of 4 or 16 MiB, transparent huge
-pages, jemalloc preloaded (its defaults: the 1 MiB threshold's speed; never purging: 0.44x). The default keeps
+pages, jemalloc preloaded (its defaults: the 1 MiB threshold's speed; never purging: 0.43x). The default keeps
 the memory; `MALLOC_MMAP_THRESHOLD_=268435456` in the environment chooses the speed.
 
 A threshold the user set (`MALLOC_MMAP_THRESHOLD_` in the environment) is kept, and so is every allocator that is
